@@ -1,0 +1,444 @@
+"""OpenAI CLIP (vision transformers and text transformer) in one file, loading OpenAI's released weights.
+
+Same public names as openai/CLIP: `load`, `available_models`, `tokenize`, `model.encode_image`,
+`model.encode_text`, `model.logit_scale`. Two differences, both for adapters and speed:
+  - attention is four explicit nn.Linear modules per block (q_proj, k_proj, v_proj, out_proj), the
+    checkpoint's fused `in_proj_weight` being split on load, and runs through scaled_dot_product_attention;
+  - `encode_text` runs only the positions up to the batch's last end-of-text token (exact, see there).
+Architecture facts follow Radford et al. 2021 ("Learning Transferable Visual Models From Natural Language
+Supervision") and openai/CLIP `model.py`; every size is read from the checkpoint's tensor shapes.
+"""
+import gzip
+import hashlib
+import html
+import math
+import os
+from collections import OrderedDict
+from functools import lru_cache
+
+import ftfy
+import regex
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
+# name -> (sha256 of the file, file name); the same names as openai/CLIP's cache in ~/.cache/clip.
+_MODELS = {
+    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
+    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
+    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+}
+# A randomly initialised small CLIP for tests and the offline demo (heads = width // 64, as OpenAI's rule).
+TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=8,
+                   context_length=77, vocab_size=49408, transformer_width=128, transformer_layers=3)
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (openai/CLIP clip.py)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class LoadError(ValueError):
+    """A model name or weights file that cannot be used; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (openai/CLIP model.py)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections, so an adapter can wrap any of them."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x, causal):
+        n, length, width = x.shape
+        split = (n, length, self.heads, width // self.heads)
+        q, k, v = (proj(x).view(split).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # q, k, v: (n, heads, length, head_dim); SDPA scales by 1/sqrt(head_dim) like nn.MultiheadAttention
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(n, length, width))  # (n, length, width)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x, causal):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal):
+        super().__init__()
+        self.width, self.layers, self.causal = width, layers, causal
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x):  # x: (n, length, width), batch first
+        for block in self.resblocks:
+            x = block(x, self.causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, output_dim):
+        super().__init__()
+        self.input_resolution = input_resolution
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, width // 64, causal=False)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, images):
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # (n, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (n, grid * grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (n, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (n, 1 + grid * grid, width)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0, :]) @ self.proj  # class token -> (n, output_dim)
+
+
+class CLIP(nn.Module):
+    """CLIP with a ViT image encoder; constructor arguments as openai/CLIP's `CLIP` (vision_layers an int)."""
+
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_layers):
+        super().__init__()
+        self.context_length = context_length
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_width // 64, causal=True)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))  # stored as a log (paper, sec. 2.5)
+        self._init_parameters()
+
+    def _init_parameters(self):
+        # The initialisation of openai/CLIP model.py (initialize_parameters); only random models depend on it.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            proj_std = tower.width ** -0.5 * (2 * tower.layers) ** -0.5
+            for block in tower.resblocks:
+                for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+                    nn.init.normal_(proj.weight, std=tower.width ** -0.5)
+                    nn.init.zeros_(proj.bias)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * tower.width) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    def encode_image(self, images):
+        """Unnormalised image features, (n, embed_dim), from normalised images (n, 3, res, res)."""
+        return self.visual(images)
+
+    def encode_text(self, tokens):
+        """Unnormalised text features, (n, embed_dim), from `tokenize` output (n, context_length).
+
+        Exact truncation: with the causal mask, position i only sees positions <= i, and the feature is read
+        at each row's end-of-text token (its highest id). Positions after the batch's last end-of-text token
+        can change nothing, so only the first max(eot)+1 positions are computed.
+        """
+        eot = tokens.argmax(dim=-1)  # (n,)
+        length = int(eot.max()) + 1
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]  # (n, length, width)
+        x = self.ln_final(self.transformer(x))
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, images, tokens):
+        """Logits (images x texts and texts x images) with the learnt temperature, as openai/CLIP."""
+        image = F.normalize(self.encode_image(images), dim=-1)
+        text = F.normalize(self.encode_text(tokens), dim=-1)
+        logits = self.logit_scale.exp() * image @ text.t()
+        return logits, logits.t()
+
+    def openai_state_dict(self):
+        """The state dict in OpenAI's key layout (fused in_proj), loadable by openai/CLIP and by `load`."""
+        return fuse_attention(self.state_dict())
+
+
+# ------------------------------------------------------------------------------------- state dicts
+
+def split_attention(state_dict):
+    """OpenAI layout -> ours: each `attn.in_proj_weight` (3 width x width) becomes q/k/v_proj weights."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.in_proj_weight") or key.endswith("attn.in_proj_bias"):
+            prefix, kind = key.rsplit(".in_proj_", 1)  # kind: "weight" or "bias"
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{prefix}.{name}.{kind}"] = part
+        else:
+            out[key] = value
+    return out
+
+
+def fuse_attention(state_dict):
+    """Ours -> OpenAI layout: q/k/v_proj are concatenated back into `attn.in_proj_weight`/`in_proj_bias`."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".attn.q_proj." in key:
+            prefix, kind = key.split(".attn.q_proj.")
+            parts = [state_dict[f"{prefix}.attn.{name}.{kind}"] for name in ("q_proj", "k_proj", "v_proj")]
+            out[f"{prefix}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+        elif ".attn.k_proj." not in key and ".attn.v_proj." not in key:
+            out[key] = value
+    return out
+
+
+def build_model(state_dict, source="state dict"):
+    """A float32 CLIP whose every size is read from the tensor shapes of `state_dict` (either key layout)."""
+    sd = split_attention({k: v for k, v in state_dict.items()
+                          if k not in ("input_resolution", "context_length", "vocab_size")})
+    try:
+        width = sd["visual.conv1.weight"].shape[0]
+        patch = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        config = dict(
+            embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
+            vision_layers=len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}),
+            vision_width=width, vision_patch_size=patch,
+            context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+            transformer_width=sd["ln_final.weight"].shape[0],
+            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+    except KeyError as missing:
+        raise LoadError(f"{source}: not a CLIP ViT state dict (missing key {missing})") from None
+    with torch.device("meta"):  # skip the random initialisation that the weights overwrite anyway
+        model = CLIP(**config)
+    expected, found = set(model.state_dict()), set(sd)
+    if expected != found:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise LoadError(f"{source}: state dict does not fit CLIP ({len(missing)} missing keys, e.g. {missing[:3]}; "
+                        f"{len(extra)} unexpected, e.g. {extra[:3]})")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    return model.eval()
+
+
+def build_random(seed=0, **config):
+    """A randomly initialised CLIP (OpenAI's initialisation) from a config such as TINY_CONFIG."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        return CLIP(**config).eval()
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(name, root):
+    """Path of the verified weights of `name` in `root`, downloading them when absent or corrupt."""
+    sha256, filename = _MODELS[name]
+    path = os.path.join(root, filename)
+    if os.path.isfile(path) and _sha256(path) == sha256:
+        return path
+    state = "is corrupt (sha256 mismatch)" if os.path.isfile(path) else "is not cached"
+    os.makedirs(root, exist_ok=True)
+    try:  # download_url_to_file writes a temporary file, checks the hash, then renames it into place
+        torch.hub.download_url_to_file(_URL.format(sha256=sha256, file=filename), path, hash_prefix=sha256)
+    except Exception as error:
+        raise LoadError(f"{path} {state} and the download failed ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); delete it and retry online, "
+                        f"or pass the path of a good copy of {filename} as the backbone") from None
+    return path
+
+
+def _read_state_dict(path):
+    """Tensors of an OpenAI TorchScript archive (never executed) or of a plain state-dict file."""
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception:
+        pass
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state_dict = None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise LoadError(f"{path}: neither a TorchScript archive nor a state dict of tensors")
+    return state_dict
+
+
+def available_models():
+    """Names `load` accepts besides a file path ("tiny" is a random model for tests and demos)."""
+    return list(_MODELS) + ["tiny"]
+
+
+def load(name_or_path, device="cpu", download_root=None):
+    """(model, preprocess) for an OpenAI model name, "tiny", or a weights file; the model is float32, in eval mode."""
+    if name_or_path == "tiny":
+        model = build_random(**TINY_CONFIG)
+    else:
+        if name_or_path in _MODELS:
+            path = _download(name_or_path, download_root or os.path.expanduser("~/.cache/clip"))
+        elif os.path.isfile(name_or_path):
+            path = name_or_path
+        else:
+            raise LoadError(f"unknown model {name_or_path!r}: expected one of {available_models()} "
+                            "or the path of a weights file")
+        model = build_model(_read_state_dict(path), source=path)
+    return model.to(device), preprocess(model.visual.input_resolution)
+
+
+def preprocess(resolution):
+    """The test-time transform of openai/CLIP: bicubic resize, center crop, RGB, CLIP normalisation."""
+    from torchvision import transforms as T  # only preprocessing needs torchvision
+    return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
+                      T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# --------------------------------------------------------------------------- choosing what to adapt
+
+def _position_blocks(position, depth):
+    """Block indices of CLIP-LoRA's position names (loralib/utils.py), as fractions of the depth.
+
+    For depth 12 these are CLIP-LoRA's tables exactly; for other depths we scale them (our choice:
+    CLIP-LoRA fixes bottom/mid/up to blocks 0-11 even for ViT-L/14's 24 blocks).
+    """
+    ranges = {"all": (0, depth), "bottom": (0, depth // 3), "mid": (depth // 3, 2 * depth // 3),
+              "up": (2 * depth // 3, depth), "half-up": (depth // 2, depth), "half-bottom": (0, depth // 2),
+              "top3": (max(depth - 3, 0), depth)}
+    if position not in ranges:
+        raise ValueError(f"position {position!r}: expected one of {list(ranges)}")
+    return range(*ranges[position])
+
+
+POSITIONS = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top3")
+PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+
+
+def adapt_attention(model, make_layer, encoder="both", position="all", projections=("q", "k", "v")):
+    """Replace selected attention projections: each chosen nn.Linear becomes `make_layer(linear, name)`.
+
+    encoder: "vision", "text" or "both"; position: one of POSITIONS; projections: subset of "q", "k", "v", "o".
+    Returns the list of (name, new module).
+    """
+    if encoder not in ("vision", "text", "both"):
+        raise ValueError(f"encoder {encoder!r}: expected vision, text or both")
+    unknown = [p for p in projections if p not in PROJECTIONS]
+    if unknown or not projections:
+        raise ValueError(f"projections {list(projections)}: expected a non-empty subset of {list(PROJECTIONS)}")
+    towers = {"vision": [("visual.transformer", model.visual.transformer)],
+              "text": [("transformer", model.transformer)]}
+    chosen = towers["vision"] + towers["text"] if encoder == "both" else towers[encoder]
+    replaced = []
+    for tower_name, tower in chosen:
+        for index in _position_blocks(position, tower.layers):
+            attn = tower.resblocks[index].attn
+            for p in projections:
+                name = f"{tower_name}.resblocks.{index}.attn.{PROJECTIONS[p]}"
+                layer = make_layer(getattr(attn, PROJECTIONS[p]), name)
+                setattr(attn, PROJECTIONS[p], layer)
+                replaced.append((name, layer))
+    if not replaced:
+        raise ValueError(f"position {position!r} selects no block of this model")
+    return replaced
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+def _bytes_to_unicode():
+    """OpenAI's reversible map of the 256 bytes to printable characters (GPT-2's byte-level BPE).
+
+    Order matters: the printable bytes come first, then the others mapped to 256, 257, ...; the
+    vocabulary's first 256 ids follow this order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+class Tokenizer:
+    """OpenAI CLIP's byte-level BPE (49,408 tokens) over the vendored `bpe_simple_vocab_16e6.txt.gz`."""
+
+    SPLIT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                          r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+    def __init__(self, vocab_path=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "bpe_simple_vocab_16e6.txt.gz")):
+        self.byte_encoder = _bytes_to_unicode()
+        with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # the first 48,894 merges
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.merge_rank = {pair: i for i, pair in enumerate(merges)}
+        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+
+    @lru_cache(maxsize=100_000)
+    def _bpe(self, word):
+        """Apply the merges to one pre-token, lowest rank first; returns the list of sub-tokens."""
+        if word in ("<|startoftext|>", "<|endoftext|>"):
+            return [word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def encode(self, text):
+        """Token ids of `text` without start/end tokens (ftfy fix, HTML unescape, whitespace, lower case)."""
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = regex.sub(r"\s+", " ", text).strip().lower()
+        ids = []
+        for word in self.SPLIT.findall(text):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[part] for part in self._bpe(word))
+        return ids
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    return Tokenizer()
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    """(n, context_length) LongTensor of start + BPE ids + end tokens, zero padded, as openai/CLIP."""
+    if isinstance(texts, str):
+        texts = [texts]
+    tok = _tokenizer()
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [tok.sot] + tok.encode(text) + [tok.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"text {text[:40]!r}... has {len(ids)} tokens, more than the context length "
+                                 f"{context_length}; shorten it or pass truncate=True")
+            ids = ids[:context_length - 1] + [tok.eot]
+        result[row, :len(ids)] = torch.tensor(ids)
+    return result
