@@ -13,6 +13,7 @@ import hashlib
 import html
 import math
 import os
+import warnings
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -269,7 +270,9 @@ def _download(name, root):
 def _read_state_dict(path):
     """Tensors of an OpenAI TorchScript archive (never executed) or of a plain state-dict file."""
     try:
-        return torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # recent torch marks torch.jit deprecated; OpenAI's files need it
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").state_dict()
     except Exception:
         pass
     try:

@@ -1,0 +1,456 @@
+"""The whole test suite: `python test_all.py` (unittest, no extra package); pytest collects it too.
+
+Everything runs on a tiny random CLIP and small synthetic datasets written in the real on-disk layouts;
+no network, no GPU. Ends with a line `N passed, N failed`.
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+import warnings
+from collections import OrderedDict
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+import train
+from block_lora import BlockLoRALinear
+from comp_lora import CompLoRALinear, LoRALinear, _complement_bases
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12)
+PROMPTS = ["a photo of a cat.", "a photo of a Annual Crop Land.", "x", "a centered satellite photo of "
+           "a very long and winding river running through green fields."]
+
+
+def max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tiny(seed=0):
+    return clip_model.build_random(seed=seed, **clip_model.TINY_CONFIG)
+
+
+# ------------------------------------------------------ an independent OpenAI-style reference CLIP
+# Written from the architecture of openai/CLIP model.py: sequence-first tensors, nn.MultiheadAttention
+# with its fused in_proj, an additive -inf causal mask over the full 77-token context. It loads the
+# OpenAI key layout with strict=True, so it also checks our key names.
+
+class RefQuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class RefBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=RefQuickGELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x, mask):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class RefTower(nn.Module):
+    def __init__(self, width, layers):
+        super().__init__()
+        self.resblocks = nn.ModuleList(RefBlock(width, width // 64) for _ in range(layers))
+
+    def forward(self, x, mask=None):
+        for block in self.resblocks:
+            x = block(x, mask)
+        return x
+
+
+class RefVisual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        w, p = c["vision_width"], c["vision_patch_size"]
+        self.conv1 = nn.Conv2d(3, w, p, p, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(w))
+        self.positional_embedding = nn.Parameter(torch.empty((c["image_resolution"] // p) ** 2 + 1, w))
+        self.ln_pre, self.ln_post = nn.LayerNorm(w), nn.LayerNorm(w)
+        self.transformer = RefTower(w, c["vision_layers"])
+        self.proj = nn.Parameter(torch.empty(w, c["embed_dim"]))
+
+
+class RefCLIP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        w = c["transformer_width"]
+        self.visual = RefVisual(c)
+        self.transformer = RefTower(w, c["transformer_layers"])
+        self.token_embedding = nn.Embedding(c["vocab_size"], w)
+        self.positional_embedding = nn.Parameter(torch.empty(c["context_length"], w))
+        self.ln_final = nn.LayerNorm(w)
+        self.text_projection = nn.Parameter(torch.empty(w, c["embed_dim"]))
+        self.logit_scale = nn.Parameter(torch.empty([]))
+
+    def encode_image(self, x):
+        v = self.visual
+        x = v.conv1(x).reshape(x.shape[0], v.conv1.out_channels, -1).permute(0, 2, 1)
+        x = torch.cat([v.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1)
+        x = v.ln_pre(x + v.positional_embedding).permute(1, 0, 2)
+        x = v.transformer(x).permute(1, 0, 2)
+        return v.ln_post(x[:, 0, :]) @ v.proj
+
+    def encode_text(self, tokens):
+        x = (self.token_embedding(tokens) + self.positional_embedding).permute(1, 0, 2)
+        n = x.shape[0]
+        mask = torch.full((n, n), float("-inf")).triu(1)  # additive causal mask over the full context
+        x = self.ln_final(self.transformer(x, mask).permute(1, 0, 2))
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+
+
+def reference_of(model, config):
+    ref = RefCLIP(config)
+    ref.load_state_dict(model.openai_state_dict(), strict=True)
+    return ref.eval()
+
+
+# ------------------------------------------------------------------------------------- clip_model
+
+class TestTokenizer(unittest.TestCase):
+    def test_golden_ids(self):
+        golden = {"a photo of a cat.": [49406, 320, 1125, 539, 320, 2368, 269, 49407],
+                  "a photo of a Annual Crop Land.": [49406, 320, 1125, 539, 320, 2906, 9955, 973, 269, 49407],
+                  "Café Ärger – naïve!": [49406, 15304, 10896, 81, 1502, 1224, 1097, 35689, 563, 256, 49407]}
+        for text, ids in golden.items():
+            tokens = clip_model.tokenize(text)
+            self.assertEqual(tokens.shape, (1, 77))
+            self.assertEqual(tokens[0, :len(ids)].tolist(), ids)
+            self.assertTrue((tokens[0, len(ids):] == 0).all())
+
+    def test_too_long_text(self):
+        text = "cat " * 100
+        with self.assertRaisesRegex(ValueError, "more than the context length 77"):
+            clip_model.tokenize(text)
+        tokens = clip_model.tokenize(text, truncate=True)[0]
+        self.assertEqual(tokens[-1].item(), 49407)
+        self.assertEqual(tokens[0].item(), 49406)
+
+
+class TestCLIPModel(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.model = tiny()
+        self.images = torch.randn(3, 3, 32, 32)
+        self.tokens = clip_model.tokenize(PROMPTS)
+
+    def outputs(self, model):
+        with torch.no_grad():
+            return model.encode_image(self.images), model.encode_text(self.tokens)
+
+    def test_openai_layout_checkpoint_loads_to_same_outputs(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "openai.pt")
+            sd = self.model.openai_state_dict()
+            self.assertIn("visual.transformer.resblocks.0.attn.in_proj_weight", sd)
+            torch.save(sd, path)
+            loaded, preprocess = clip_model.load(path)
+        for a, b in zip(self.outputs(loaded), self.outputs(self.model)):
+            self.assertTrue(torch.equal(a, b))
+
+    def test_torchscript_archive_and_state_dict_load_the_same(self):
+        ref = reference_of(self.model, clip_model.TINY_CONFIG)
+        ref.register_buffer("input_resolution", torch.tensor(32))  # OpenAI archives carry these three ints
+        ref.register_buffer("context_length", torch.tensor(77))
+        ref.register_buffer("vocab_size", torch.tensor(49408))
+        with tempfile.TemporaryDirectory() as tmp:
+            archive, plain = os.path.join(tmp, "archive.pt"), os.path.join(tmp, "plain.pt")
+            with warnings.catch_warnings():  # tracing nn.MultiheadAttention warns; the archive only carries weights
+                warnings.simplefilter("ignore")
+                torch.jit.save(torch.jit.trace_module(ref, {"encode_image": self.images}), archive)
+            torch.save(self.model.state_dict(), plain)
+            from_archive, _ = clip_model.load(archive)
+            from_plain, _ = clip_model.load(plain)
+        for a, b, c in zip(self.outputs(from_archive), self.outputs(from_plain), self.outputs(self.model)):
+            self.assertTrue(torch.equal(a, c))
+            self.assertTrue(torch.equal(b, c))
+
+    def test_truncated_text_equals_full_context(self):
+        model = self.model
+        with torch.no_grad():
+            x = model.token_embedding(self.tokens) + model.positional_embedding  # all 77 positions
+            x = model.ln_final(model.transformer(x))
+            full = x[torch.arange(len(self.tokens)), self.tokens.argmax(-1)] @ model.text_projection
+            truncated = model.encode_text(self.tokens)
+        self.assertLessEqual(max_rel_err(truncated, full), 1e-6)
+
+    def test_matches_openai_reference_tiny(self):
+        ref = reference_of(self.model, clip_model.TINY_CONFIG)
+        for ours, theirs in zip(self.outputs(self.model), self.outputs(ref)):
+            self.assertLessEqual(max_rel_err(ours, theirs), 1e-5)
+
+    def test_preprocess(self):
+        from PIL import Image
+        _, preprocess = clip_model.load("tiny")
+        x = preprocess(Image.new("L", (50, 40), color=128))
+        self.assertEqual(tuple(x.shape), (3, 32, 32))
+        expected = (128 / 255 - torch.tensor(clip_model.MEAN)) / torch.tensor(clip_model.STD)
+        self.assertTrue(torch.allclose(x[:, 16, 16], expected, atol=1e-5))
+
+
+class TestFullSizeReference(unittest.TestCase):
+    """ViT-B/16 at its real size against the OpenAI-style reference, float32, 1e-5 relative."""
+
+    def test_vit_b_16_matches_reference(self):
+        model = clip_model.build_random(seed=1, **VIT_B_16)
+        ref = reference_of(model, VIT_B_16)
+        torch.manual_seed(0)
+        images, tokens = torch.randn(2, 3, 224, 224), clip_model.tokenize(PROMPTS)
+        with torch.no_grad():
+            self.assertLessEqual(max_rel_err(model.encode_image(images), ref.encode_image(images)), 1e-5)
+            self.assertLessEqual(max_rel_err(model.encode_text(tokens), ref.encode_text(tokens)), 1e-5)
+        self.assertEqual(model.visual.input_resolution, 224)
+
+
+class TestLoadErrors(unittest.TestCase):
+    def test_unknown_name_lists_models(self):
+        with self.assertRaisesRegex(clip_model.LoadError, r"unknown model 'ViT-X'.*ViT-B/16"):
+            clip_model.load("ViT-X")
+
+    def test_file_that_is_no_checkpoint(self):
+        with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+            f.write(b"not a checkpoint")
+            f.flush()
+            with self.assertRaisesRegex(clip_model.LoadError, f"{f.name}: neither a TorchScript"):
+                clip_model.load(f.name)
+
+    def test_state_dict_with_missing_keys(self):
+        sd = tiny().state_dict()
+        del sd["ln_final.weight"], sd["visual.ln_post.bias"]
+        with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+            torch.save(sd, f.name)
+            with self.assertRaises(clip_model.LoadError) as caught:
+                clip_model.load(f.name)
+        self.assertIn(f.name, str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_corrupt_cached_file_is_detected_and_replaced(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            good = os.path.join(tmp, "good.pt")
+            torch.save(tiny().state_dict(), good)
+            sha = clip_model._sha256(good)
+            cached = os.path.join(tmp, "cache", "Fake.pt")
+            os.makedirs(os.path.dirname(cached))
+            with open(cached, "wb") as f:
+                f.write(b"truncated download")
+            models = {"Fake": (sha, "Fake.pt")}
+
+            offline = mock.Mock(side_effect=OSError("network unreachable"))
+            with mock.patch.dict(clip_model._MODELS, models), mock.patch("torch.hub.download_url_to_file", offline):
+                with self.assertRaisesRegex(clip_model.LoadError, f"{cached} is corrupt .*sha256"):
+                    clip_model.load("Fake", download_root=os.path.dirname(cached))
+            self.assertIn(sha, offline.call_args.args[0])  # the URL carries the hash
+
+            def download(url, dst, hash_prefix):
+                self.assertEqual(hash_prefix, sha)
+                with open(good, "rb") as src, open(dst, "wb") as out:
+                    out.write(src.read())
+            with mock.patch.dict(clip_model._MODELS, models), mock.patch("torch.hub.download_url_to_file", download):
+                model, _ = clip_model.load("Fake", download_root=os.path.dirname(cached))
+            self.assertEqual(clip_model._sha256(cached), sha)
+            self.assertTrue(torch.equal(model.ln_final.weight, tiny().ln_final.weight))
+
+
+# ------------------------------------------------------------------------------------ adapters
+
+def adapted(method, projections=("q", "k", "v"), encoder="both", position="all", seed=0, model=None, **extra):
+    """The tiny CLIP (or `model`) with adapters of `method`, lora_A drawn with `seed`; returns (model, layers)."""
+    model = model or tiny()
+    config = {"method": method, "r": 2, "alpha": 1, "dropout": 0.25, "blocks": extra.get("blocks", 8),
+              "comp_ratio": extra.get("comp_ratio", 0.5), "encoder": encoder, "position": position,
+              "params": list(projections), "backbone": "tiny"}
+    torch.manual_seed(seed)
+    return model, train.add_adapters(model, config)
+
+
+def randomize_b(layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def features(model, images, tokens):
+    with torch.no_grad():
+        return torch.cat([F.normalize(model.encode_image(images), dim=-1),
+                          F.normalize(model.encode_text(tokens), dim=-1)])
+
+
+class TestAdapters(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.images = torch.randn(2, 3, 32, 32)
+        self.tokens = clip_model.tokenize(PROMPTS)
+        self.plain = features(tiny(), self.images, self.tokens)
+
+    def test_no_op_at_initialisation(self):
+        for method in train.METHODS:
+            model, _ = adapted(method, ("q", "k", "v", "o"))
+            self.assertTrue(torch.equal(features(model.eval(), self.images, self.tokens), self.plain), method)
+
+    def test_every_projection_changes_the_output(self):
+        for method in train.METHODS:
+            for p in ("q", "k", "v", "o"):
+                for encoder, rows in (("vision", slice(0, 2)), ("text", slice(2, None))):
+                    model, layers = adapted(method, (p,), encoder=encoder)
+                    self.assertEqual(len(layers), 3)
+                    randomize_b(layers)
+                    out = features(model.eval(), self.images, self.tokens)
+                    self.assertGreater((out[rows] - self.plain[rows]).abs().max().item(), 1e-4, (method, p, encoder))
+                    other = slice(2, None) if encoder == "vision" else slice(0, 2)
+                    self.assertTrue(torch.equal(out[other], self.plain[other]))
+
+    def test_merged_equals_unmerged(self):
+        for method in train.METHODS:
+            model, layers = adapted(method, ("q", "k", "v", "o"))
+            randomize_b(layers)
+            unmerged = features(model.eval(), self.images, self.tokens)
+            train.merge_all(layers)
+            merged = features(model, self.images, self.tokens)
+            self.assertLessEqual(max_rel_err(merged, unmerged), 1e-5, method)
+            for layer in layers:
+                layer.unmerge()
+            self.assertLessEqual(max_rel_err(features(model, self.images, self.tokens), unmerged), 1e-5)
+            with self.assertRaises(RuntimeError):
+                layers[0].unmerge()
+
+    def test_eval_does_not_merge(self):
+        model, layers = adapted("lora")
+        model.eval()
+        model.train()
+        self.assertFalse(any(layer.merged for layer in layers))
+
+    def test_only_lora_parameters_get_gradients(self):
+        for method in train.METHODS:
+            model, layers = adapted(method, ("q", "k", "v", "o"))
+            randomize_b(layers)
+            model.train()
+            loss = (model.encode_image(self.images).sum() + model.encode_text(self.tokens).sum())
+            loss.backward()
+            for name, param in model.named_parameters():
+                is_lora = name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+                self.assertEqual(param.requires_grad, is_lora, name)
+                if is_lora:
+                    self.assertGreater(param.grad.abs().sum().item(), 0, name)
+                else:
+                    self.assertIsNone(param.grad, name)
+
+    def test_save_then_load_reproduces_outputs(self):
+        for method in train.METHODS:
+            model, layers = adapted(method)
+            randomize_b(layers)
+            expected = features(model.eval(), self.images, self.tokens)
+            config = train.adapter_config(train.parse_args(["--method", method, "--backbone", "tiny"]))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "adapter.pt")
+                train.save_adapters(path, model, config)
+                fresh, _ = adapted(method, seed=5)  # other lora_A values and zero lora_B, to be overwritten
+                self.assertFalse(torch.equal(features(fresh.eval(), self.images, self.tokens), expected))
+                train.load_adapters(path, fresh, config)
+                self.assertTrue(torch.equal(features(fresh.eval(), self.images, self.tokens), expected), method)
+                other = dict(config, r=4)
+                with self.assertRaisesRegex(train.UserError, r"adapter r is 2, but this run has r 4"):
+                    train.load_adapters(path, fresh, other)
+                other = dict(config, backbone="ViT-B/16")
+                with self.assertRaisesRegex(train.UserError, r"adapter backbone is 'tiny'"):
+                    train.load_adapters(path, fresh, other)
+
+    def test_lora_matches_clip_lora_formula(self):
+        # CLIP-LoRA (loralib/layers.py, LinearLoRA): W x + b + (dropout(x) @ (B A)^T) * alpha / sqrt(r)
+        base = nn.Linear(16, 12)
+        layer = LoRALinear(copy.deepcopy(base), r=4, alpha=3, dropout=0.0)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(5, 16)
+        expected = base(x) + (x @ (layer.lora_B @ layer.lora_A).t()) * (3 / math.sqrt(4))
+        self.assertLessEqual(max_rel_err(layer(x), expected), 1e-6)
+        self.assertAlmostEqual(layer.scaling, 1.5)
+
+    def test_lora_model_matches_reference_with_merged_fused_weights(self):
+        # The official code merges B A into its q/k/v weights in eval mode; the reference CLIP with the same
+        # fused update must give the same logits as our unmerged adapters.
+        model, layers = adapted("lora", ("q", "k", "v", "o"))
+        randomize_b(layers)
+        merged = copy.deepcopy(model)
+        train.merge_all([m for m in merged.modules() if isinstance(m, LoRALinear)])
+        sd = clip_model.fuse_attention({k.replace(".base.", "."): v for k, v in merged.state_dict().items()
+                                        if "lora_" not in k})
+        ref = RefCLIP(clip_model.TINY_CONFIG)
+        ref.load_state_dict(sd, strict=True)
+        ours = features(model.eval(), self.images, self.tokens)
+        theirs = torch.cat([F.normalize(ref.encode_image(self.images), dim=-1),
+                            F.normalize(ref.encode_text(self.tokens), dim=-1)]).detach()
+        self.assertLessEqual(max_rel_err(100 * ours[:2] @ ours[2:].t(), 100 * theirs[:2] @ theirs[2:].t()), 1e-5)
+
+    def test_block_lora_equals_dense_block_matrix(self):
+        base = nn.Linear(24, 10)
+        layer = BlockLoRALinear(copy.deepcopy(base), r=3, alpha=2, dropout=0.0, blocks=4)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        dense = (2 / math.sqrt(3)) * layer.lora_B @ torch.cat([layer.lora_A] * 4, dim=1)  # s B [A_s ... A_s]
+        x = torch.randn(7, 24)
+        self.assertLessEqual(max_rel_err(layer(x), F.linear(x, base.weight + dense, base.bias)), 1e-6)
+        self.assertLessEqual(max_rel_err(layer.delta_weight(), dense), 1e-6)
+        with self.assertRaisesRegex(ValueError, r"blk\.q_proj: input size 24 is not divisible by blocks=5"):
+            BlockLoRALinear(nn.Linear(24, 10), blocks=5, name="blk.q_proj")
+
+    def test_comp_lora_stays_in_the_complement_after_training(self):
+        model, layers = adapted("comp", ("q", "k", "v", "o"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        for _ in range(3):
+            loss = model.encode_image(self.images).pow(2).sum() + model.encode_text(self.tokens).pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for layer in layers:
+            delta = layer.delta_weight().detach().double()
+            self.assertGreater(delta.abs().max().item(), 0)
+            u, _, vh = torch.linalg.svd(layer.base.weight.double())
+            k = layer.k
+            self.assertEqual(k, round(0.5 * 128))
+            scale = delta.abs().max()
+            self.assertLessEqual(((delta @ vh[:k].t()).abs().max() / scale).item(), 1e-5)
+            self.assertLessEqual(((u[:, :k].t() @ delta).abs().max() / scale).item(), 1e-5)
+
+    def test_comp_bases_are_deterministic_under_sign_flips(self):
+        w = torch.randn(12, 12)
+        u1, v1 = _complement_bases(w, 4)
+        u2, v2 = _complement_bases(-w, 4)  # -W = (-U) S V^T: same subspaces, canonical signs
+        self.assertTrue(torch.allclose(v1, v2, atol=1e-10) and torch.allclose(u1, -u2, atol=1e-10))
+
+    def test_parameter_counts_at_vit_b_16_size(self):
+        expected = {"lora": 184_320, "block": 103_680, "comp": 92_160}
+        base = clip_model.build_random(**VIT_B_16)
+        total = sum(p.numel() for p in base.parameters())
+        for method, count in expected.items():
+            model, layers = adapted(method, model=copy.deepcopy(base))
+            self.assertEqual(len(layers), 72)
+            line = train.parameter_line(model)
+            # Comp-LoRA's projection bases are buffers: the adapters add exactly their trainable parameters
+            self.assertEqual(line, f"trainable params: {count:,d} || all params: {total + count:,d} || "
+                                   f"trainable%: {100 * count / (total + count):.4f}")
+
+    def test_positions_follow_clip_lora_tables_at_depth_12(self):
+        tables = {"all": range(12), "bottom": [0, 1, 2, 3], "mid": [4, 5, 6, 7], "up": [8, 9, 10, 11],
+                  "half-up": [6, 7, 8, 9, 10, 11], "half-bottom": [0, 1, 2, 3, 4, 5], "top3": [9, 10, 11]}
+        for position, blocks in tables.items():
+            self.assertEqual(list(clip_model._position_blocks(position, 12)), list(blocks))
+        model, layers = adapted("lora", ("o",), encoder="vision", position="up")
+        self.assertEqual([n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
+                         ["visual.transformer.resblocks.2.attn.out_proj"])
