@@ -3,7 +3,9 @@
 Everything runs on a tiny random CLIP and small synthetic datasets written in the real on-disk layouts;
 no network, no GPU. Ends with a line `N passed, N failed`.
 """
+import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -20,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip_model
+import data
 import train
 from block_lora import BlockLoRALinear
-from comp_lora import CompLoRALinear, LoRALinear, _complement_bases
+from comp_lora import LoRALinear, _complement_bases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
@@ -388,10 +391,8 @@ class TestAdapters(unittest.TestCase):
         randomize_b(layers)
         merged = copy.deepcopy(model)
         train.merge_all([m for m in merged.modules() if isinstance(m, LoRALinear)])
-        sd = clip_model.fuse_attention({k.replace(".base.", "."): v for k, v in merged.state_dict().items()
-                                        if "lora_" not in k})
         ref = RefCLIP(clip_model.TINY_CONFIG)
-        ref.load_state_dict(sd, strict=True)
+        ref.load_state_dict(train.merged_state_dict(merged), strict=True)
         ours = features(model.eval(), self.images, self.tokens)
         theirs = torch.cat([F.normalize(ref.encode_image(self.images), dim=-1),
                             F.normalize(ref.encode_text(self.tokens), dim=-1)]).detach()
@@ -454,3 +455,148 @@ class TestAdapters(unittest.TestCase):
         model, layers = adapted("lora", ("o",), encoder="vision", position="up")
         self.assertEqual([n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
                          ["visual.transformer.resblocks.2.attn.out_proj"])
+
+
+# --------------------------------------------------------------------------------------- train.py
+
+def quiet(function, *args):
+    """Run function(*args) with its printing captured; returns (result, printed text)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args), buffer.getvalue()
+
+
+class TestTrain(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = data.write_synthetic(os.path.join(cls.tmp.name, "data"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def args(self, *extra, out="out"):
+        return train.parse_args(["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4",
+                                 "--n_iters", "8", "--lr", "5e-3", "--workers", "0", "--print_every", "8",
+                                 "--save_path", os.path.join(self.tmp.name, out), *extra])
+
+    def test_each_method_learns_saves_and_reevaluates(self):
+        for method in train.METHODS:
+            args = self.args("--method", method, out=f"out_{method}")
+            results, printed = quiet(train.run, args)
+            self.assertIn("trainable params:", printed)
+            self.assertRegex(printed, r"iter 32/32  loss \d+\.\d+  train acc \d+\.\d+  lr .* it/s  eta \d+s")
+            self.assertGreater(results["accuracy"], 50.0, method)  # 4 classes: chance is 25%
+            folder = train.run_dir(args)
+            with open(os.path.join(folder, "results.json")) as f:
+                saved = json.load(f)
+            self.assertEqual(saved["accuracy"], results["accuracy"])
+            self.assertEqual(saved["args"]["method"], method)
+            for key in ("zero_shot_accuracy", "trainable_params", "train_seconds", "torch", "device"):
+                self.assertIn(key, saved)
+            self.assertEqual(sorted(os.listdir(folder)), ["adapter.pt", "results.json"])
+            again, _ = quiet(train.run, self.args("--method", method, "--eval_only", out=f"out_{method}"))
+            self.assertEqual(again["accuracy"], results["accuracy"], method)
+
+    def test_same_seed_gives_bit_identical_adapters_and_summary_over_seeds(self):
+        tensors = []
+        for seed, out in (("1", "a"), ("1", "b"), ("2", "b")):
+            args = self.args("--seed", seed, "--n_iters", "2", out=out)
+            quiet(train.run, args)
+            tensors.append(torch.load(os.path.join(train.run_dir(args), "adapter.pt"), weights_only=True))
+        first, second, other = (t["state_dict"] for t in tensors)
+        self.assertTrue(all(torch.equal(first[k], second[k]) for k in first))
+        self.assertFalse(all(torch.equal(first[k], other[k]) for k in first))
+        table = train.summarize(os.path.join(self.tmp.name, "b"))
+        row = [line.split() for line in table.splitlines() if line.startswith("eurosat")]
+        accuracies = []
+        with open(os.path.join(self.tmp.name, "b", "results.jsonl")) as f:
+            accuracies = [json.loads(line)["accuracy"] for line in f]
+        self.assertEqual(len(accuracies), 2)
+        mean = sum(accuracies) / 2
+        std = abs(accuracies[0] - accuracies[1]) / math.sqrt(2)
+        self.assertEqual(row, [["eurosat", "lora", "4", "2", f"{mean:.2f}", f"{std:.2f}"]])
+
+    def test_merged_export_loads_as_plain_clip(self):
+        export = os.path.join(self.tmp.name, "merged.pt")
+        args = self.args("--method", "comp", "--n_iters", "2", "--export_merged", export, out="export")
+        results, _ = quiet(train.run, args)
+        model, preprocess = clip_model.load(export)
+        dataset = data.build_dataset("eurosat", self.root, 4, 1)
+        accuracy = train.zero_shot_accuracy(model, dataset, dataset.template[0], preprocess, args, torch.device("cpu"))
+        self.assertAlmostEqual(accuracy, results["accuracy"], places=4)
+
+    def test_retention_and_base_to_new(self):
+        args = self.args("--n_iters", "2", "--eval_datasets", "imagefolder", "--root", self.root, out="ret")
+        args.root = self.root
+        with mock.patch.object(train, "load_dataset", side_effect=self._load_with_imagefolder):
+            results, printed = quiet(train.run, args)
+        row = results["retention"]["imagefolder"]
+        self.assertEqual(row["retention"], row["adapted"] / row["plain"] if row["plain"] else None)
+        self.assertIn("imagefolder: zero-shot plain", printed)
+        results, printed = quiet(train.run, self.args("--n_iters", "2", "--subsample", "base", out="b2n"))
+        hm = 2 * results["base_accuracy"] * results["new_accuracy"] / (results["base_accuracy"] + results["new_accuracy"])
+        self.assertAlmostEqual(results["harmonic_mean"], hm)
+        self.assertIn("2 classes", printed)
+
+    def _load_with_imagefolder(self, name, args, subsample="all"):
+        root = os.path.join(self.root, "imagefolder") if name == "imagefolder" else args.root
+        return data.build_dataset(name, root, args.shots, args.seed, subsample)
+
+    def test_nan_loss_stops_and_writes_nothing(self):
+        args = self.args("--lr", "1e30", "--n_iters", "4", out="nan")
+        with self.assertRaisesRegex(train.UserError, r"loss became nan at iteration \d+/16"):
+            quiet(train.run, args)
+        self.assertFalse(os.path.exists(os.path.join(train.run_dir(args), "results.json")))
+        self.assertFalse(os.path.exists(os.path.join(train.run_dir(args), "adapter.pt")))
+
+
+class TestCommandLine(unittest.TestCase):
+    """User mistakes: one line on stderr, non-zero exit, no traceback."""
+
+    def cli(self, *argv):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True,
+                                text=True, cwd=tempfile.gettempdir())
+        return result.returncode, result.stderr.strip()
+
+    def assertOneLineError(self, argv, pattern):
+        code, err = self.cli(*argv)
+        self.assertEqual(code, 1, err)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertRegex(err, pattern)
+
+    def test_errors(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = os.path.join(tmp, "ViT-B-16.pt")
+            with open(weights, "w") as f:
+                f.write("not weights")
+            blocked = os.path.join(tmp, "file")
+            open(blocked, "w").close()
+            cases = [
+                (["--method", "dora"], r"--method 'dora': expected one of lora, comp, block"),
+                (["--dataset", "mnist"], r"--dataset 'mnist': expected one of eurosat, dtd"),
+                (["--backbone", weights, "--root", tmp], rf"{weights}: neither a TorchScript"),
+                (["--backbone", "tiny", "--dataset", "eurosat", "--root", os.path.join(tmp, "none")],
+                 r"data root .*none does not exist"),
+                (["--backbone", "tiny", "--save_path", os.path.join(blocked, "out")], r"output directory .* cannot write"),
+                (["--shots", "0"], r"--shots 0: expected a positive integer"),
+                (["--summarize", tmp], rf"{tmp}: no results.json found"),
+            ]
+            for argv, pattern in cases:
+                self.assertOneLineError(argv, pattern)
+
+    def test_offline_weights_error_names_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            code, err = self.cli("--backbone", os.path.join(tmp, "missing.pt"))
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"unknown model '.*missing\.pt': expected one of \['ViT-B/32'")
+
+
+if __name__ == "__main__":
+    runner = unittest.TextTestRunner(verbosity=2)
+    result = runner.run(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__]))
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed")
+    sys.exit(1 if failed else 0)

@@ -151,6 +151,13 @@ def merge_all(layers):
         layer.merge()
 
 
+def merged_state_dict(model):
+    """A plain CLIP state dict (OpenAI layout) of a model whose adapters are all merged."""
+    plain = {key.replace(".base.", "."): value for key, value in model.state_dict().items()
+             if not key.rsplit(".", 1)[-1].startswith("lora_")}
+    return clip_model.fuse_attention(plain)
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 def autocast(device):
@@ -349,7 +356,7 @@ def run(args):
     save_adapters(adapter_path, model, config)
     if args.export_merged:
         merge_all(layers)
-        atomic_write(args.export_merged, lambda tmp: torch.save(model.openai_state_dict(), tmp))
+        atomic_write(args.export_merged, lambda tmp: torch.save(merged_state_dict(model), tmp))
     atomic_write(os.path.join(out, "results.json"),
                  lambda tmp: open(tmp, "w").write(json.dumps(results, indent=2)))
     with open(os.path.join(args.save_path, "results.jsonl"), "a") as f:
