@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import clip_model
@@ -198,7 +200,6 @@ class TestCLIPModel(unittest.TestCase):
             self.assertLessEqual(max_rel_err(ours, theirs), 1e-5)
 
     def test_preprocess(self):
-        from PIL import Image
         _, preprocess = clip_model.load("tiny")
         x = preprocess(Image.new("L", (50, 40), color=128))
         self.assertEqual(tuple(x.shape), (3, 32, 32))
@@ -455,6 +456,268 @@ class TestAdapters(unittest.TestCase):
         model, layers = adapted("lora", ("o",), encoder="vision", position="up")
         self.assertEqual([n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
                          ["visual.transformer.resblocks.2.attn.out_proj"])
+
+
+# ------------------------------------------------------------------------------------------ data.py
+
+def reference_draw(split, shots, seed):
+    """The CLIP-LoRA few-shot protocol restated: seed, then for val (min(shots, 4)) and then train, group by label
+    in order of first appearance and random.sample per group (random.choices when the group is too small)."""
+    random.seed(seed)
+
+    def draw(entries, k):
+        groups = {}
+        for relative, label, _ in entries:
+            groups.setdefault(label, []).append(relative)
+        drawn = []
+        for label, paths in groups.items():
+            picked = random.sample(paths, k) if len(paths) >= k else random.choices(paths, k=k)
+            drawn += [(path, label) for path in picked]
+        return drawn
+
+    val = draw(split["val"], min(shots, 4))
+    return draw(split["train"], shots), val
+
+
+def relative(items, image_dir):
+    return [(os.path.relpath(path, image_dir), label) for path, label in items]
+
+
+def touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+
+
+class TestData(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = cls._tmp.name
+        cls.synthetic = data.write_synthetic(os.path.join(cls.tmp, "synthetic"), n_classes=5)
+        # A split whose labels first appear out of order (2, 0, 1) and whose classes differ in size; the
+        # draw reads no image, so the listed files need not exist.
+        cls.split_root = os.path.join(cls.tmp, "splitroot")
+        sizes = {2: 9, 0: 12, 1: 7}
+        cls.split = {part: [[f"{label}/{part}_{i}.jpg", label, ["AnnualCrop", "Forest", "SeaLake"][label]]
+                            for label, n in sizes.items() for i in range(n)] for part in ("train", "val", "test")}
+        cls.split["train"].append(["0/late.jpg", 0, "AnnualCrop"])  # interleaved: class 0 again at the end
+        os.makedirs(os.path.join(cls.split_root, "eurosat", "2750"))
+        with open(os.path.join(cls.split_root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+            json.dump(cls.split, f)
+        cls.image_dir = os.path.join(cls.split_root, "eurosat", "2750")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    # ------------------------------------------------------------------ the few-shot draw
+
+    def test_draw_equals_restated_clip_lora_protocol(self):
+        for shots, seed in ((3, 0), (8, 1), (1, 5)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # shots=8: Forest has 7 train images (tested below)
+                built = data.build_dataset("eurosat", self.split_root, shots, seed)
+            train, val = reference_draw(self.split, shots, seed)
+            self.assertEqual(relative(built.train, self.image_dir), train)
+            self.assertEqual(relative(built.val, self.image_dir), val)
+            self.assertEqual(len(built.test), len(self.split["test"]))
+
+    def test_seed_changes_the_draw_and_repeats(self):
+        first = data.build_dataset("eurosat", self.split_root, 4, 0)
+        again = data.build_dataset("eurosat", self.split_root, 4, 0)
+        other = data.build_dataset("eurosat", self.split_root, 4, 1)
+        self.assertEqual(first.train, again.train)
+        self.assertEqual(first.val, again.val)
+        self.assertNotEqual(first.train, other.train)
+
+    def test_fewer_images_than_shots_repeats_with_a_warning(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            built = data.build_dataset("eurosat", self.split_root, 10, 3)
+        messages = [str(w.message) for w in caught]
+        self.assertIn("class 'Forest' has 7 train images, fewer than 10: drawing 10 with repetition (as CLIP-LoRA)",
+                      messages)
+        self.assertTrue(any("'Sea or Lake' has 9 train images" in m for m in messages), messages)
+        self.assertFalse(any("Annual Crop Land" in m for m in messages))  # 13 images: enough
+        self.assertFalse(any(" val images" in m for m in messages))  # val needs only min(10, 4) per class
+        forest = [path for path, label in built.train if label == 1]
+        self.assertEqual(len(forest), 10)  # CLIP-LoRA's repeat=True: 10 draws with replacement from 7 images
+        self.assertLess(len(set(forest)), 10)
+        self.assertTrue(all(os.path.basename(os.path.dirname(path)) == "1" and "/train_" in path for path in forest))
+        self.assertEqual(relative(built.train, self.image_dir), reference_draw(self.split, 10, 3)[0])
+
+    # ------------------------------------------------------------------ names, prompts, subsets
+
+    def test_eurosat_classnames_and_prompts(self):
+        built = data.build_dataset("eurosat", self.synthetic, 2, 0)
+        self.assertEqual(built.classnames, ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land",
+                                            "Highway or Road", "Industrial Buildings"])
+        self.assertEqual(built.template, ["a photo of a {}."])
+        self.assertEqual(built.template[0].format(built.classnames[0]), "a photo of a Annual Crop Land.")
+        self.assertEqual(built.zeroshot_template, "a centered satellite photo of {}.")
+        self.assertEqual(data.DATASETS["dtd"].zeroshot_template, "{} texture.")
+
+    def test_base_new_subsample(self):
+        everything = data.build_dataset("eurosat", self.synthetic, 2, 0)
+        base = data.build_dataset("eurosat", self.synthetic, 2, 0, subsample="base")
+        new = data.build_dataset("eurosat", self.synthetic, 2, 0, subsample="new")
+        self.assertEqual(base.classnames, everything.classnames[:3])  # ceil(5 / 2) = 3 base classes
+        self.assertEqual(new.classnames, everything.classnames[3:])
+        self.assertEqual(sorted({label for _, label in base.test}), [0, 1, 2])
+        self.assertEqual(sorted({label for _, label in new.test}), [0, 1])
+        self.assertEqual((len(base.train), len(base.val), len(base.test)), (6, 6, 24))
+        self.assertEqual((len(new.train), len(new.val), len(new.test)), (4, 4, 16))
+        # subsampling comes after the draw: the kept items are the full draw's, relabelled
+        self.assertEqual(new.train, [(p, label - 3) for p, label in everything.train if label >= 3])
+        self.assertEqual(base.train, [(p, label) for p, label in everything.train if label < 3])
+
+    # ------------------------------------------------------------------ other layouts
+
+    def test_imagefolder_layout(self):
+        built = data.build_dataset("imagefolder", os.path.join(self.synthetic, "imagefolder"), 3, 0)
+        self.assertEqual(built.classnames[:2], ["annual crop land", "forest"])
+        self.assertEqual(len(built.classnames), 5)
+        self.assertEqual((len(built.train), built.val, len(built.test)), (15, [], 40))
+        self.assertTrue(all(os.path.isabs(path) and os.path.exists(path) for path, _ in built.test))
+
+    def test_imagenet_r_uses_the_folders_present(self):
+        root = os.path.join(self.tmp, "variants")
+        base = os.path.join(root, "imagenet-rendition")
+        names = {"n01": "goldfish", "n02": "great_white shark", "n03": "tench", "n04": "hen", "n05": "ostrich"}
+        for wnid in ("n04", "n02", "n05"):
+            touch(os.path.join(base, "imagenet-r", wnid, "art_0.jpg"))
+            touch(os.path.join(base, "imagenet-r", wnid, "art_1.png"))
+        touch(os.path.join(base, "imagenet-r", "README.txt"))
+        with open(os.path.join(base, "classnames.txt"), "w") as f:
+            f.writelines(f"{wnid} {name}\n" for wnid, name in names.items())
+        built = data.build_dataset("imagenet_r", root, 16, 0)
+        self.assertEqual(built.classnames, ["great white shark", "hen", "ostrich"])
+        self.assertEqual((built.train, built.val, len(built.test)), ([], [], 6))
+        self.assertEqual(sorted({label for _, label in built.test}), [0, 1, 2])
+        self.assertEqual([label for path, label in built.test if "/n05/" in path], [2, 2])
+
+    def test_fgvc_and_imagenetv2_layouts(self):
+        root = os.path.join(self.tmp, "more")
+        fgvc = os.path.join(root, "fgvc_aircraft")
+        os.makedirs(os.path.join(fgvc, "images"))
+        variants = ["707-320", "A300B4", "Cessna 172"]  # variants.txt order gives the labels
+        with open(os.path.join(fgvc, "variants.txt"), "w") as f:
+            f.write("\n".join(variants) + "\n")
+        split = {}
+        for part, count in (("train", 6), ("val", 5), ("test", 2)):
+            lines = [(f"{part}{k}{i}", name) for k, name in enumerate(["Cessna 172", "707-320", "A300B4"])
+                     for i in range(count)]
+            with open(os.path.join(fgvc, f"images_variant_{part}.txt"), "w") as f:
+                f.writelines(f"{image_id} {name}\n" for image_id, name in lines)
+            split[part] = [[image_id + ".jpg", variants.index(name), name] for image_id, name in lines]
+        built = data.build_dataset("fgvc", root, 3, 2)
+        self.assertEqual(built.classnames, variants)
+        self.assertEqual(built.zeroshot_template, "a photo of a {}, a type of aircraft.")
+        self.assertEqual(built.test[0], (os.path.join(fgvc, "images", "test00.jpg"), 2))
+        train, val = reference_draw(split, 3, 2)
+        self.assertEqual(relative(built.train, os.path.join(fgvc, "images")), train)
+        self.assertEqual(relative(built.val, os.path.join(fgvc, "images")), val)
+
+        v2 = os.path.join(root, "imagenetv2")
+        for label in range(3):
+            touch(os.path.join(v2, "imagenetv2-matched-frequency-format-val", str(label), "a.jpeg"))
+        with open(os.path.join(v2, "classnames.txt"), "w") as f:
+            f.write("n09 tench\nn01 goldfish\nn05 great_white shark\n")
+        built = data.build_dataset("imagenetv2", root, 1, 0)
+        self.assertEqual(built.classnames, ["tench", "goldfish", "great white shark"])
+        self.assertEqual(sorted(label for _, label in built.test), [0, 1, 2])
+        self.assertTrue(all(path.endswith(f"/{label}/a.jpeg") for path, label in built.test))
+
+    def test_imagenet_draw_equals_clip_lora(self):
+        root = os.path.join(self.tmp, "inet")
+        wnids = ["n0b", "n0a", "n0c"]
+        for k, wnid in enumerate(wnids):
+            for i in range(10 + k):
+                touch(os.path.join(root, "imagenet", "images", "train", wnid, f"{wnid}_{i}.JPEG"))
+            touch(os.path.join(root, "imagenet", "images", "val", wnid, f"val_{k}.JPEG"))
+        with open(os.path.join(root, "imagenet", "classnames.txt"), "w") as f:
+            f.write("n0a tench\nn0b goldfish\nn0c hen\n")
+        built = data.build_dataset("imagenet", root, 2, 7)
+        random.seed(7)  # restated: ImageFolder order (sorted wnids, sorted files), one sample per class
+        train, val = [], []
+        for label, wnid in enumerate(sorted(wnids)):
+            folder = os.path.join(root, "imagenet", "images", "train", wnid)
+            files = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+            picked = random.sample(files, 2 + 2)
+            train += [(path, label) for path in picked[:2]]
+            val += [(path, label) for path in picked[2:]]
+        self.assertEqual(built.classnames, ["tench", "goldfish", "hen"])
+        self.assertEqual((built.train, built.val), (train, val))
+        self.assertEqual(len(built.test), 3)
+
+    # ------------------------------------------------------------------ user mistakes
+
+    def assertDataError(self, substring, call, *args, **kwargs):
+        with self.assertRaises(data.DataError) as raised:
+            call(*args, **kwargs)
+        message = str(raised.exception)
+        self.assertIn(substring, message)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_bad_inputs_raise_one_line_data_errors(self):
+        missing = os.path.join(self.tmp, "nowhere")
+        self.assertDataError(f"data root {missing} does not exist", data.build_dataset, "eurosat", missing, 4, 0)
+        message = self.assertDataError("unknown dataset 'cifar'", data.build_dataset, "cifar", self.tmp, 4, 0)
+        self.assertIn("eurosat, dtd, oxford_pets", message)
+        self.assertIn("imagefolder", message)
+        self.assertDataError(os.path.join(self.tmp, "dtd"), data.build_dataset, "dtd", self.tmp, 4, 0)
+        for bad in (0, -1, 2.5, "4", True):
+            self.assertDataError("--shots", data.build_dataset, "eurosat", self.synthetic, bad, 0)
+        self.assertDataError("subsample 'half'", data.build_dataset, "eurosat", self.synthetic, 4, 0, "half")
+
+    def test_missing_split_file_names_the_path(self):
+        root = os.path.join(self.tmp, "nosplit")
+        os.makedirs(os.path.join(root, "eurosat", "2750"))
+        split = os.path.join(root, "eurosat", "split_zhou_EuroSAT.json")
+        message = self.assertDataError(split, data.build_dataset, "eurosat", root, 4, 0)
+        self.assertIn("see README.md, section Datasets", message)
+
+    def test_class_without_images_is_named(self):
+        root = os.path.join(self.tmp, "emptyclass")
+        touch(os.path.join(root, "train", "cat", "a.png"))
+        os.makedirs(os.path.join(root, "train", "dog"))
+        touch(os.path.join(root, "test", "cat", "b.png"))
+        self.assertDataError(os.path.join(root, "train", "dog"), data.build_dataset, "imagefolder", root, 1, 0)
+        split_root = os.path.join(self.tmp, "gap")
+        os.makedirs(os.path.join(split_root, "eurosat", "2750"))
+        with open(os.path.join(split_root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+            json.dump({"train": [["a.jpg", 0, "Forest"]], "val": [],
+                       "test": [["b.jpg", 0, "Forest"], ["c.jpg", 1, "River"]]}, f)
+        self.assertDataError("class 'River' (label 1) has no images", data.build_dataset, "eurosat", split_root, 1, 0)
+
+    def test_undecodable_image_is_named(self):
+        bad = os.path.join(self.tmp, "broken.jpg")
+        with open(bad, "w") as f:
+            f.write("not an image")
+        items = [(bad, 0)]
+        self.assertDataError(f"cannot read image {bad}", data.ImageList(items, data.train_transform(32)).__getitem__, 0)
+        loader = data.make_loader(items, data.train_transform(32), batch_size=1, shuffle=False, workers=1)
+        self.assertDataError(f"cannot read image {bad}", list, loader)  # re-raised from a worker, still one line
+
+    # ------------------------------------------------------------------ transforms and loaders
+
+    def test_train_transform_and_loader(self):
+        image = Image.new("RGB", (50, 40), (200, 10, 10))
+        self.assertEqual(tuple(data.train_transform(32)(image).shape), (3, 32, 32))
+        built = data.build_dataset("eurosat", self.synthetic, 3, 0)
+
+        def batches(seed):
+            loader = data.make_loader(built.train, data.train_transform(24), batch_size=4, shuffle=True, workers=0,
+                                      generator=torch.Generator().manual_seed(seed))
+            return list(loader)
+
+        first = batches(0)
+        self.assertEqual([len(labels) for _, labels in first], [4, 4, 4, 3])  # drop_last=False
+        self.assertEqual(tuple(first[0][0].shape), (4, 3, 24, 24))
+        self.assertEqual(sorted(torch.cat([labels for _, labels in first]).tolist()), sorted(l for _, l in built.train))
+        self.assertEqual([labels.tolist() for _, labels in batches(0)], [labels.tolist() for _, labels in first])
+        self.assertNotEqual([labels.tolist() for _, labels in batches(1)], [labels.tolist() for _, labels in first])
 
 
 # --------------------------------------------------------------------------------------- train.py

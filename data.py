@@ -1,0 +1,477 @@
+"""Datasets for few-shot CLIP fine-tuning: CoOp folder layouts, CLIP-LoRA's few-shot draw, image loaders.
+
+The protocol follows CLIP-LoRA (MaxZanella/CLIP-LoRA: `main.py`, `datasets/*.py`), whose dataset code comes
+from CoOp (KaiyangZhou/CoOp `datasets/*.py`) and Dassl (`dassl/data/datasets/base_dataset.py`):
+
+- Seed: CLIP-LoRA `main.py` calls `set_random_seed` (`run_utils.py`: random.seed, numpy, torch) and then
+  builds the dataset; nothing between draws from Python's `random`. `build_dataset` calls `random.seed(seed)`
+  at that point and then makes the same calls to `random`, so a seed gives CLIP-LoRA's images item for item.
+- Draw (`DatasetBase.generate_fewshot_dataset`, CLIP-LoRA `datasets/utils.py`): items are grouped by label in
+  order of first appearance in the split (`split_dataset_by_label`), then per group `random.sample(group,
+  shots)`; a group smaller than `shots` gets `random.choices(group, k=shots)` (drawn with replacement:
+  CLIP-LoRA keeps Dassl's old default repeat=True; newer Dassl defaults to repeat=False, keeping the group).
+- Order: CLIP-LoRA draws val (min(shots, 4) per class) BEFORE train in every dataset but ImageNet (e.g.
+  `datasets/eurosat.py`); CoOp draws train first, then val (CoOp `datasets/eurosat.py`), so the same seed
+  picks other images there. We follow CLIP-LoRA.
+- ImageNet (CLIP-LoRA `datasets/imagenet.py`): the train folder is listed as torchvision's ImageFolder does;
+  per class, in label order, one `random.sample(items, shots + min(shots, 4))`: the first `shots` are train,
+  the rest val (so val comes from the train folder); test is the whole official val folder.
+- Prompts: every CLIP-LoRA dataset sets `template = ['a photo of a {}.']` (CoOp's per-dataset prompts are left
+  there in comments); CoOp's zero-shot prompts are `CUSTOM_TEMPLATES` in CoOp `trainers/zsclip.py`.
+  Both replace '_' by ' ' when formatting a prompt (CLIP-LoRA `utils.py` clip_classifier and `lora.py`; CoOp
+  zsclip.py); we do it once here, so `classnames` are ready for `template.format(name)`.
+- Base/new split (CoCoOp; CoOp `datasets/oxford_pets.py` subsample_classes, called after the few-shot draw):
+  sorted labels, m = ceil(n / 2), base = the first m, new = the rest, relabelled 0.. in order; the same
+  selection applies to train, val and test.
+"""
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP normalisation, as in CLIP-LoRA main.py
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+README_HINT = "see README.md, section Datasets"
+SUBSAMPLES = ("all", "base", "new")
+
+# CoOp datasets/eurosat.py NEW_CNAMES. CoOp applied it when it wrote split_zhou_EuroSAT.json, so the released
+# file already holds the long names; mapping raw folder names too lets a split that lists "AnnualCrop" work.
+EUROSAT_CLASSNAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+class DataError(ValueError):
+    """A user mistake about data (path, flag, file); the message is one line naming what is wrong."""
+
+    def __str__(self):
+        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker ...\n
+        # <traceback>"); its last line holds the original message, which is what the user needs.
+        text = super().__str__().strip()
+        return text.splitlines()[-1].split("DataError: ", 1)[-1] if "\n" in text else text
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives under --root (CoOp's DATASETS.md layout) and how to read it."""
+    folders: tuple  # accepted folder names: CoOp's first, then CLIP-LoRA's code name (e.g. "dtd", "DTD")
+    images: tuple  # image folder(s) inside it, first that exists ("" is the dataset folder itself)
+    reader: str  # split_json | fgvc | imagenet | imagenetv2 | wnid_folders | imagefolder
+    split: str = ""  # the split file (split_json) or class-name file
+    zeroshot_template: str = "a photo of a {}."  # CoOp trainers/zsclip.py CUSTOM_TEMPLATES
+    renames: dict = field(default_factory=dict)
+
+    @property
+    def eval_only(self):
+        return self.reader in ("imagenetv2", "wnid_folders")
+
+
+def _coop_split(folders, images, split, template="a photo of a {}.", renames=None):
+    return DatasetSpec(folders, (images,), "split_json", split, template, renames or {})
+
+
+DATASETS = {
+    "eurosat": _coop_split(("eurosat",), "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.",
+                     EUROSAT_CLASSNAMES),
+    "dtd": _coop_split(("dtd", "DTD"), "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "oxford_pets": _coop_split(("oxford_pets", "OxfordPets"), "images", "split_zhou_OxfordPets.json",
+                         "a photo of a {}, a type of pet."),
+    # cat_to_name.json only served CoOp to write the split; the names are in the split file.
+    "oxford_flowers": _coop_split(("oxford_flowers", "Flower102"), "jpg", "split_zhou_OxfordFlowers.json",
+                            "a photo of a {}, a type of flower."),
+    "fgvc": DatasetSpec(("fgvc_aircraft",), ("images",), "fgvc", "variants.txt",
+                        "a photo of a {}, a type of aircraft."),
+    "food101": _coop_split(("food-101", "Food101"), "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "caltech101": _coop_split(("caltech-101", "Caltech101"), "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "stanford_cars": _coop_split(("stanford_cars", "StanfordCars"), "", "split_zhou_StanfordCars.json"),
+    "sun397": _coop_split(("sun397", "SUN397"), "SUN397", "split_zhou_SUN397.json"),
+    "ucf101": _coop_split(("ucf101", "UCF101"), "UCF-101-midframes", "split_zhou_UCF101.json",
+                    "a photo of a person doing {}."),
+    # CoOp: imagenet/images/{train,val}; CLIP-LoRA's code: imagenet/{train,val}.
+    "imagenet": DatasetSpec(("imagenet",), ("images", ""), "imagenet", "classnames.txt"),
+    "imagenetv2": DatasetSpec(("imagenetv2",), ("imagenetv2-matched-frequency-format-val",), "imagenetv2",
+                              "classnames.txt"),
+    "imagenet_sketch": DatasetSpec(("imagenet-sketch",), ("images",), "wnid_folders", "classnames.txt"),
+    "imagenet_a": DatasetSpec(("imagenet-adversarial",), ("imagenet-a",), "wnid_folders", "classnames.txt"),
+    "imagenet_r": DatasetSpec(("imagenet-rendition",), ("imagenet-r",), "wnid_folders", "classnames.txt"),
+    "imagefolder": DatasetSpec((), ("",), "imagefolder"),
+}
+
+
+def _layout(spec):
+    folder = spec.folders[0] if spec.folders else ""
+    images = os.path.join(folder, spec.images[0], "")
+    also = f" (the folder may also be named {spec.folders[1]}/)" if len(spec.folders) > 1 else ""
+    return {
+        "split_json": f"{images}... and {folder}/{spec.split}{also}",
+        "fgvc": f"{folder}/images/, {folder}/variants.txt and {folder}/images_variant_{{train,val,test}}.txt",
+        "imagenet": f"{folder}/images/train/<wnid>/, {folder}/images/val/<wnid>/ and {folder}/{spec.split} "
+                    f"(or {folder}/train/ and {folder}/val/, as in CLIP-LoRA's code)",
+        "imagenetv2": f"{images}<0..999>/ and {folder}/{spec.split}",
+        "wnid_folders": f"{images}<wnid>/ and {folder}/{spec.split}",
+        "imagefolder": "ROOT/train/<class>/*, ROOT/test/<class>/*, optional ROOT/val/<class>/* (--root is ROOT)",
+    }[spec.reader]
+
+
+# What each key expects under --root (CoOp DATASETS.md); the README's Datasets section reuses it.
+DATASET_HELP = {name: _layout(spec) for name, spec in DATASETS.items()}
+
+
+@dataclass
+class FewShotData:
+    """A built dataset. `train`/`val`/`test` are lists of (absolute image path, label)."""
+    name: str
+    classnames: list  # label -> prompt-ready name ('_' already replaced by ' ')
+    template: list  # CLIP-LoRA's prompts for training and evaluation
+    zeroshot_template: str  # CoOp's per-dataset zero-shot prompt
+    train: list
+    val: list
+    test: list
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def _existing_dir(base, candidates, name, what):
+    """base/<first candidate that is a folder>, else a DataError naming the first one and the expected layout."""
+    for candidate in candidates:
+        if os.path.isdir(os.path.join(base, candidate)):
+            return os.path.join(base, candidate)
+    raise DataError(f"{what} {os.path.join(base, candidates[0])} not found for --dataset {name} "
+                    f"(expected {DATASET_HELP[name]}; {README_HINT})")
+
+
+def _dataset_dir(root, name, spec):
+    return _existing_dir(root, spec.folders, name, "dataset folder")
+
+
+def _images_dir(directory, name, spec):
+    return _existing_dir(directory, spec.images, name, "image folder")
+
+
+def _required_file(directory, filename, name):
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+        raise DataError(f"file {path} not found for --dataset {name} (expected {DATASET_HELP[name]}; {README_HINT})")
+    return path
+
+
+def _read_split_json(root, name, spec):
+    """CoOp's split_zhou_*.json: {"train"|"val"|"test": [[path relative to the image folder, label, name]]}."""
+    directory = _dataset_dir(root, name, spec)
+    images = _images_dir(directory, name, spec)
+    path = _required_file(directory, spec.split, name)
+    try:
+        with open(path) as f:
+            split = json.load(f)
+        parts = [[(os.path.join(images, rel), int(label), cname) for rel, label, cname in split[part]]
+                 for part in ("train", "val", "test")]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"split file {path} is not a CoOp split ({type(error).__name__}: {error}); expected "
+                        '{"train": [[path, label, classname], ...], "val": [...], "test": [...]}') from None
+    names = {}
+    for _, label, cname in (item for part in parts for item in part):
+        names.setdefault(label, spec.renames.get(cname, cname).replace("_", " "))
+    classnames = [names.get(label, f"label {label}") for label in range(max(names) + 1)] if names else []
+    train, val, test = ([(p, label) for p, label, _ in part] for part in parts)
+    _check_every_class_has_images(train, classnames, f"the train split of {path}")
+    return classnames, train, val, test
+
+
+def _read_fgvc(root, name, spec):
+    """FGVC-Aircraft (CoOp datasets/fgvc_aircraft.py): variants.txt gives the labels in line order;
+    images_variant_<split>.txt has lines "<image id> <variant name>" for images/<image id>.jpg."""
+    directory = _dataset_dir(root, name, spec)
+    images = _images_dir(directory, name, spec)
+    with open(_required_file(directory, spec.split, name)) as f:
+        classnames = [line.strip() for line in f if line.strip()]
+    label_of = {cname: label for label, cname in enumerate(classnames)}
+    parts = []
+    for part in ("train", "val", "test"):
+        path = _required_file(directory, f"images_variant_{part}.txt", name)
+        items = []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                image_id, _, variant = line.strip().partition(" ")
+                if variant not in label_of:
+                    raise DataError(f"{path} line {number}: variant {variant!r} is not in {spec.split}")
+                items.append((os.path.join(images, image_id + ".jpg"), label_of[variant]))
+        parts.append(items)
+    _check_every_class_has_images(parts[0], classnames, f"{directory}/images_variant_train.txt")
+    return (classnames, *parts)
+
+
+def _class_folders(directory):
+    """Sorted non-hidden sub-folders: torchvision ImageFolder's class order (on a tree without hidden folders)."""
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _list_images(directory, label_of):
+    """(path, label) for the images in directory/<folder>/ (recursive, sorted, ImageFolder's extensions), the
+    order torchvision's ImageFolder uses; every class folder that exists must hold at least one image."""
+    items = make_dataset(directory, label_of, extensions=IMG_EXTENSIONS, allow_empty=True)
+    found = {label for _, label in items}
+    for folder, label in label_of.items():
+        if label not in found and os.path.isdir(os.path.join(directory, folder)):
+            raise DataError(f"class folder {os.path.join(directory, folder)} holds no images "
+                            f"({', '.join(IMG_EXTENSIONS)})")
+    return items
+
+
+def _read_wnid_names(directory, name, spec):
+    """CoOp's classnames.txt: lines "<wnid> <class name>" (CoOp datasets/imagenet.py read_classnames)."""
+    names = {}
+    with open(_required_file(directory, spec.split, name)) as f:
+        for line in f:
+            wnid, _, cname = line.strip().partition(" ")
+            if wnid:
+                names[wnid] = cname
+    return names
+
+
+def _names_for(wnids, names, directory, spec):
+    missing = [wnid for wnid in wnids if wnid not in names]
+    if missing:
+        raise DataError(f"class folder {missing[0]} is not listed in {os.path.join(directory, spec.split)}")
+    return [names[wnid].replace("_", " ") for wnid in wnids]
+
+
+def _read_imagenet(root, name, spec):
+    directory = _dataset_dir(root, name, spec)
+    images = _images_dir(directory, name, spec)
+    train_dir, test_dir = (_existing_dir(images, (part,), name, "folder") for part in ("train", "val"))
+    wnids = _class_folders(train_dir)
+    classnames = _names_for(wnids, _read_wnid_names(directory, name, spec), directory, spec)
+    label_of = {wnid: label for label, wnid in enumerate(wnids)}
+    return classnames, _list_images(train_dir, label_of), None, _list_other_split(test_dir, label_of, train_dir)
+
+
+def _read_imagenetv2(root, name, spec):
+    """ImageNetV2 (CoOp datasets/imagenetv2.py): folder <i> holds class i, named by line i of classnames.txt."""
+    directory = _dataset_dir(root, name, spec)
+    images = _images_dir(directory, name, spec)
+    classnames = [cname.replace("_", " ") for cname in _read_wnid_names(directory, name, spec).values()]
+    return classnames, [], [], _list_images(images, {str(label): label for label in range(len(classnames))})
+
+
+def _read_wnid_folders(root, name, spec):
+    """ImageNet-Sketch/-A/-R (CoOp datasets/imagenet_sketch.py, imagenet_a.py, imagenet_r.py): the class set is
+    the <wnid> folders present (200 for A and R), labelled 0.. in sorted order, named by classnames.txt."""
+    directory = _dataset_dir(root, name, spec)
+    images = _images_dir(directory, name, spec)
+    wnids = _class_folders(images)
+    classnames = _names_for(wnids, _read_wnid_names(directory, name, spec), directory, spec)
+    return classnames, [], [], _list_images(images, {wnid: label for label, wnid in enumerate(wnids)})
+
+
+def _read_imagefolder(root, name, spec):
+    """The user's data: ROOT/train/<class>/, ROOT/test/<class>/, optional ROOT/val/<class>/ (val = [] without)."""
+    train_dir, test_dir = (_existing_dir(root, (part,), name, "folder") for part in ("train", "test"))
+    folders = _class_folders(train_dir)
+    if not folders:
+        raise DataError(f"folder {train_dir} has no class sub-folders (expected {DATASET_HELP[name]})")
+    label_of = {folder: label for label, folder in enumerate(folders)}
+    val_dir = os.path.join(root, "val")
+    val = _list_other_split(val_dir, label_of, train_dir) if os.path.isdir(val_dir) else []
+    classnames = [folder.replace("_", " ") for folder in folders]
+    return classnames, _list_images(train_dir, label_of), val, _list_other_split(test_dir, label_of, train_dir)
+
+
+def _list_other_split(directory, label_of, train_dir):
+    """Like _list_images, with train's labels; a class folder that train lacks is a mistake."""
+    unknown = [folder for folder in _class_folders(directory) if folder not in label_of]
+    if unknown:
+        raise DataError(f"class folder {os.path.join(directory, unknown[0])} has no counterpart in {train_dir}")
+    return _list_images(directory, label_of)
+
+
+def _check_every_class_has_images(items, classnames, where):
+    present = {label for _, label in items}
+    for label, cname in enumerate(classnames):
+        if label not in present:
+            raise DataError(f"class {cname!r} (label {label}) has no images in {where}")
+
+
+_READERS = {"split_json": _read_split_json, "fgvc": _read_fgvc, "imagenet": _read_imagenet,
+            "imagenetv2": _read_imagenetv2, "wnid_folders": _read_wnid_folders, "imagefolder": _read_imagefolder}
+
+
+# ----------------------------------------------------------------------------------------- protocol
+
+def _group_by_label(items):
+    groups = {}  # dict keeps first-appearance order, as Dassl's defaultdict in split_dataset_by_label
+    for item in items:
+        groups.setdefault(item[1], []).append(item)
+    return groups
+
+
+def draw_fewshot(items, shots, classnames, split_name):
+    """`shots` items per class, CLIP-LoRA's generate_fewshot_dataset (repeat=True): random.sample per class,
+    random.choices (with replacement) for a class with fewer items, which also warns."""
+    drawn = []
+    for label, group in _group_by_label(items).items():
+        if len(group) >= shots:
+            drawn += random.sample(group, shots)
+        else:
+            warnings.warn(f"class {classnames[label]!r} has {len(group)} {split_name} images, fewer than {shots}: "
+                          f"drawing {shots} with repetition (as CLIP-LoRA)", stacklevel=3)
+            drawn += random.choices(group, k=shots)
+    return drawn
+
+
+def _draw_imagenet(train, shots, classnames):
+    """CLIP-LoRA datasets/imagenet.py: one random.sample of shots + min(shots, 4) per class; train, then val."""
+    val_shots = min(shots, 4)
+    train_drawn, val_drawn = [], []
+    for label, group in _group_by_label(train).items():
+        if len(group) < shots + val_shots:
+            raise DataError(f"ImageNet class {classnames[label]!r} has {len(group)} train images; "
+                            f"--shots {shots} needs {shots + val_shots} (shots + min(shots, 4) for val)")
+        picked = random.sample(group, shots + val_shots)
+        train_drawn += picked[:shots]
+        val_drawn += picked[shots:]
+    return train_drawn, val_drawn
+
+
+def subsample_classes(classnames, splits, subsample):
+    """CoCoOp's base/new rule (CoOp datasets/oxford_pets.py subsample_classes): labels sorted, m = ceil(n / 2);
+    "base" keeps labels < m, "new" keeps labels >= m, relabelled 0.. in order. Returns (classnames, splits)."""
+    if subsample == "all":
+        return classnames, splits
+    m = math.ceil(len(classnames) / 2)
+    kept = range(m) if subsample == "base" else range(m, len(classnames))
+    new_label = {label: index for index, label in enumerate(kept)}
+    return ([classnames[label] for label in kept],
+            [[(path, new_label[label]) for path, label in split if label in new_label] for split in splits])
+
+
+def build_dataset(name, root, shots, seed, subsample="all"):
+    """Read dataset `name` under `root` (the data root; for "imagefolder", ROOT itself), seed Python's `random`
+    with `seed` and draw CLIP-LoRA's few-shot train/val, then keep CoCoOp's base or new half if asked.
+    Eval-only datasets (imagenetv2, imagenet_sketch, imagenet_a, imagenet_r) ignore `shots`: train = val = []."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < (0 if spec.eval_only else 1):
+        raise DataError(f"--shots {shots!r}: expected a positive integer")
+    if subsample not in SUBSAMPLES or (spec.eval_only and subsample != "all"):
+        allowed = "all" if spec.eval_only else ", ".join(SUBSAMPLES)
+        raise DataError(f"subsample {subsample!r} for --dataset {name}: expected {allowed}")
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(root):
+        raise DataError(f"data root {root} does not exist (--root; {README_HINT})")
+
+    random.seed(seed)  # where CLIP-LoRA's main.py seeds: before the dataset is built
+    classnames, train, val, test = _READERS[spec.reader](root, name, spec)
+    if spec.reader == "imagenet":
+        train, val = _draw_imagenet(train, shots, classnames)
+    elif not spec.eval_only:
+        # CLIP-LoRA datasets/<name>.py: val first, then train (CoOp draws train first)
+        val = draw_fewshot(val, min(shots, 4), classnames, "val")
+        train = draw_fewshot(train, shots, classnames, "train")
+    if not test:
+        raise DataError(f"--dataset {name} under {root}: the test split holds no images")
+    # CoCoOp subsamples after the few-shot draw (CoOp datasets/*.py), so the draw does not depend on it
+    classnames, (train, val, test) = subsample_classes(classnames, (train, val, test), subsample)
+    return FewShotData(name, classnames, ["a photo of a {}."], spec.zeroshot_template, train, val, test)
+
+
+# -------------------------------------------------------------------------------- images and loaders
+
+def train_transform(size):
+    """CLIP-LoRA main.py's training augmentation, for images of `size` pixels."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.08, 1), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+    ])
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(image tensor, label) over a list of (path, label); an unreadable image raises DataError naming it."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = list(items), transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
+        return self.transform(rgb), label
+
+
+def make_loader(items, transform, batch_size, shuffle, workers, generator=None):
+    """A DataLoader over `items`; with `generator`, the shuffle order and the workers' seeds come from it."""
+    if shuffle and not items:
+        raise DataError("no images to train on: the training split is empty")
+    return torch.utils.data.DataLoader(ImageList(items, transform), batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=workers, drop_last=False, generator=generator,
+                                       pin_memory=torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------------ synthetic data
+
+# One colour per class, far apart so that even a tiny, randomly initialised CLIP tells them apart.
+_PALETTE = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 210, 40), (200, 60, 200),
+            (40, 200, 210), (240, 140, 30), (120, 60, 170), (235, 235, 235), (110, 110, 110)]
+
+
+def _synthetic_image(label, size, generator):
+    """A solid class colour with class-specific stripes (period and direction) and a little noise."""
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    along = (rows, cols, rows + cols)[label % 3]
+    stripes = ((along // (2 + label % 4)) % 2).float()
+    colour = torch.tensor(_PALETTE[label], dtype=torch.float32)
+    pixels = colour * (0.7 + 0.3 * stripes)[..., None] + 6 * torch.randn(size, size, 3, generator=generator)
+    data = bytes(pixels.round().clamp(0, 255).to(torch.uint8).flatten().tolist())
+    return Image.frombytes("RGB", (size, size), data)
+
+
+def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, size=32, seed=0):
+    """Write a tiny, easy dataset into `root` (best a fresh folder) in two real layouts, and return `root`:
+    root/eurosat/2750/<Folder>/<Folder>_<i>.jpg with root/eurosat/split_zhou_EuroSAT.json (EuroSAT's first
+    `n_classes` folder names, 4 val images per class), and root/imagefolder/{train,test}/<class>/*.png."""
+    folders = list(EUROSAT_CLASSNAMES)
+    if not 1 <= n_classes <= len(folders):
+        raise DataError(f"n_classes {n_classes}: expected 1 to {len(folders)} (EuroSAT has {len(folders)} classes)")
+    generator = torch.Generator().manual_seed(seed)
+    counts = {"train": n_train_per_class, "val": 4, "test": n_test_per_class}
+    split = {part: [] for part in counts}
+    for label, folder in enumerate(folders[:n_classes]):
+        os.makedirs(os.path.join(root, "eurosat", "2750", folder), exist_ok=True)
+        index = 1  # EuroSAT numbers its files from 1
+        for part, count in counts.items():
+            for _ in range(count):
+                relative = f"{folder}/{folder}_{index}.jpg"
+                _synthetic_image(label, size, generator).save(
+                    os.path.join(root, "eurosat", "2750", relative), quality=95)
+                split[part].append([relative, label, folder])
+                index += 1
+    with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+        json.dump(split, f, indent=1)
+    for label, folder in enumerate(folders[:n_classes]):
+        cname = EUROSAT_CLASSNAMES[folder].lower().replace(" ", "_")
+        for part, count in (("train", n_train_per_class), ("test", n_test_per_class)):
+            directory = os.path.join(root, "imagefolder", part, cname)
+            os.makedirs(directory, exist_ok=True)
+            for index in range(count):
+                _synthetic_image(label, size, generator).save(os.path.join(directory, f"{cname}_{index}.png"))
+    return root
