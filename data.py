@@ -424,7 +424,9 @@ def make_loader(items, transform, batch_size, shuffle, workers, generator=None):
         raise DataError("no images to train on: the training split is empty")
     return torch.utils.data.DataLoader(ImageList(items, transform), batch_size=batch_size, shuffle=shuffle,
                                        num_workers=workers, drop_last=False, generator=generator,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       # few-shot epochs are a batch or two: keep workers alive across them
+                                       persistent_workers=workers > 0)
 
 
 # ------------------------------------------------------------------------------------ synthetic data

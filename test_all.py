@@ -816,6 +816,19 @@ class TestTrain(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(train.run_dir(args), "adapter.pt")))
 
 
+    def test_interrupt_leaves_no_result_files(self):
+        args = self.args("--n_iters", "2", out="interrupted")
+        argv = ["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4", "--workers", "0",
+                "--save_path", args.save_path]
+        with mock.patch.object(train, "train", side_effect=KeyboardInterrupt), \
+                contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as exit_code:
+            quiet(train.main, argv)
+        self.assertEqual(exit_code.exception.code, 130)
+        self.assertIn("interrupted", err.getvalue())
+        leftovers = [name for _, _, files in os.walk(args.save_path) for name in files]
+        self.assertEqual(leftovers, [])
+
+
 class TestCommandLine(unittest.TestCase):
     """User mistakes: one line on stderr, non-zero exit, no traceback."""
 

@@ -219,7 +219,7 @@ def train(model, dataset, args, device, resolution):
     if args.encoder == "vision":  # the text tower is frozen: its features never change
         with torch.no_grad():
             fixed_text = text_features(model, tokens, device)
-    iteration, window_loss, window_correct, window_seen = 0, 0.0, 0, 0
+    iteration, window = 0, {"loss": 0.0, "correct": 0, "seen": 0, "iterations": 0}
     start = last_print = time.time()
     while iteration < total:
         model.train()
@@ -239,18 +239,17 @@ def train(model, dataset, args, device, resolution):
             scaler.update()
             scheduler.step()
             iteration += 1
-            window_loss += loss.item() * len(target)
-            window_correct += (logits.argmax(-1) == target).sum().item()
-            window_seen += len(target)
+            window["loss"] += loss.item() * len(target)
+            window["correct"] += (logits.argmax(-1) == target).sum().item()
+            window["seen"] += len(target)
+            window["iterations"] += 1
             if iteration % args.print_every == 0 or iteration == total:
                 now = time.time()
-                speed = args.print_every / max(now - last_print, 1e-9) if iteration % args.print_every == 0 \
-                    else iteration / max(now - start, 1e-9)
-                print(f"iter {iteration}/{total}  loss {window_loss / window_seen:.4f}  "
-                      f"train acc {100 * window_correct / window_seen:.2f}  lr {scheduler.get_last_lr()[0]:.3g}  "
-                      f"{speed:.2f} it/s  eta {(total - iteration) / max(iteration / (now - start), 1e-9):.0f}s",
-                      flush=True)
-                last_print, window_loss, window_correct, window_seen = now, 0.0, 0, 0
+                eta = (total - iteration) * (now - start) / iteration
+                print(f"iter {iteration}/{total}  loss {window['loss'] / window['seen']:.4f}  "
+                      f"train acc {100 * window['correct'] / window['seen']:.2f}  lr {scheduler.get_last_lr()[0]:.3g}  "
+                      f"{window['iterations'] / max(now - last_print, 1e-9):.2f} it/s  eta {eta:.0f}s", flush=True)
+                last_print, window = now, dict.fromkeys(window, 0)
             if iteration == total:
                 break
     return time.time() - start
