@@ -17,6 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def adapter_dropout(x, p, training):
+    """Dropout of the adapter's input with nn.Dropout's law (zero with probability p, survivors scaled by
+    1 / (1 - p)). The mask comes from rand_like: on CPU bernoulli_ is about 3x slower, and it was 70% of the
+    adapters' training overhead (bench.py)."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p).to(x.dtype) * (1 / (1 - p))
+
+
 class BlockLoRALinear(nn.Module):
     """h = W x + b + s * B A_s sum_j dropout(x)_j, with W, b frozen and x split into `blocks` equal chunks.
 
@@ -28,6 +37,8 @@ class BlockLoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"rank r={r}: expected a positive integer")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout={dropout}: expected a number in [0, 1)")
         if blocks < 1 or base.in_features % blocks:
             raise ValueError(f"{name}: input size {base.in_features} is not divisible by blocks={blocks}")
         self.base = base
@@ -35,7 +46,7 @@ class BlockLoRALinear(nn.Module):
             p.requires_grad_(False)
         self.r, self.alpha, self.blocks = r, alpha, blocks
         self.scaling = alpha / math.sqrt(r)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.merged = False
         self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features // blocks))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r))
@@ -49,9 +60,9 @@ class BlockLoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        chunks = self.dropout(x).unflatten(-1, (self.blocks, -1))  # (..., blocks, d_in / blocks)
-        down = F.linear(chunks.sum(dim=-2), self.lora_A.to(x.dtype))  # shared A_s: the sum replaces n products
-        return out + self.scaling * F.linear(down, self.lora_B.to(x.dtype))
+        chunks = adapter_dropout(x, self.dropout, self.training).unflatten(-1, (self.blocks, -1))  # (..., n, d_in/n)
+        low = F.linear(chunks.sum(dim=-2), self.lora_A.to(x.dtype))  # shared A_s: the sum replaces n products
+        return out + F.linear(low, (self.scaling * self.lora_B).to(x.dtype))  # s scales B, not the activations
 
     @torch.no_grad()
     def merge(self):
@@ -70,4 +81,5 @@ class BlockLoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, blocks={self.blocks}, scaling={self.scaling:.4g}, merged={self.merged}"
+        return (f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, blocks={self.blocks}, "
+                f"scaling={self.scaling:.4g}, merged={self.merged}")

@@ -15,6 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def adapter_dropout(x, p, training):
+    """Dropout of the adapter's input with nn.Dropout's law (zero with probability p, survivors scaled by
+    1 / (1 - p)). The mask comes from rand_like: on CPU bernoulli_ is about 3x slower, and it was 70% of the
+    adapters' training overhead (bench.py)."""
+    if not training or p == 0:
+        return x
+    return x * (torch.rand_like(x) >= p).to(x.dtype) * (1 / (1 - p))
+
+
 class LoRALinear(nn.Module):
     """h = W x + b + s * B A dropout(x), with W, b frozen (CLIP-LoRA's LinearLoRA).
 
@@ -28,12 +37,14 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"rank r={r}: expected a positive integer")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout={dropout}: expected a number in [0, 1)")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.merged = False
         in_dim, out_dim = adapter_dims or (base.in_features, base.out_features)
         self.lora_A = nn.Parameter(base.weight.new_empty(r, in_dim))
@@ -54,8 +65,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         down, up = self.factors()
-        # (x A^T) B^T costs r * (d_in + d_out) per token, instead of d_in * d_out for x (B A)^T
-        return out + self.scaling * F.linear(F.linear(self.dropout(x), down.to(x.dtype)), up.to(x.dtype))
+        # (x A^T)(s B)^T costs r * (d_in + d_out) per token, instead of d_in * d_out for x (s B A)^T;
+        # s multiplies the small factor B, not the activations
+        low = F.linear(adapter_dropout(x, self.dropout, self.training), down.to(x.dtype))  # (..., r)
+        return out + F.linear(low, (self.scaling * up).to(x.dtype))
 
     @torch.no_grad()
     def merge(self):
@@ -74,7 +87,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        return (f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, scaling={self.scaling:.4g}, "
+                f"merged={self.merged}")
 
 
 def _complement_bases(weight, k):

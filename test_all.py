@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import block_lora
 import clip_model
+import comp_lora
 import data
 import train
 from block_lora import BlockLoRALinear
@@ -373,6 +375,22 @@ class TestAdapters(unittest.TestCase):
                 other = dict(config, backbone="ViT-B/16")
                 with self.assertRaisesRegex(train.UserError, r"adapter backbone is 'tiny'"):
                     train.load_adapters(path, fresh, other)
+
+    def test_adapter_dropout_has_nn_dropout_law(self):
+        torch.manual_seed(0)
+        x = torch.ones(400_000)
+        for dropout in (comp_lora.adapter_dropout, block_lora.adapter_dropout):
+            y = dropout(x, 0.25, True)
+            self.assertAlmostEqual((y == 0).float().mean().item(), 0.25, delta=0.005)
+            self.assertTrue(torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75)))
+            self.assertIs(dropout(x, 0.25, False), x)
+        layer = LoRALinear(nn.Linear(8, 8), dropout=0.5).train()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(64, 8)
+        self.assertFalse(torch.equal(layer(x), layer(x)))  # a fresh mask each call, in training only
+        layer.eval()
+        self.assertTrue(torch.equal(layer(x), layer(x)))
 
     def test_lora_matches_clip_lora_formula(self):
         # CLIP-LoRA (loralib/layers.py, LinearLoRA): W x + b + (dropout(x) @ (B A)^T) * alpha / sqrt(r)
