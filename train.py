@@ -53,9 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--position", default="all", choices=clip_model.POSITIONS)
     p.add_argument("--blocks", type=int, default=8, help="Block-LoRA: number of input chunks n")
     p.add_argument("--comp_ratio", type=float, default=0.5, help="Comp-LoRA: protected share k / min(d_out, d_in)")
-    p.add_argument("--save_path", default="out", help="results root: <save_path>/<dataset>/<method>/<shots>shots/seed<seed>/")
+    p.add_argument("--save_path", default="out",
+                   help="results root: <save_path>/<dataset>/<method>/<shots>shots/seed<seed>/")
     p.add_argument("--eval_only", action="store_true", help="evaluate the saved adapter of this configuration")
-    p.add_argument("--eval_datasets", default="", help="comma-separated datasets for zero-shot retention after training")
+    p.add_argument("--eval_datasets", default="",
+                   help="comma-separated datasets for zero-shot retention after training")
     p.add_argument("--subsample", default="all", choices=["all", "base"], help="base: base-to-novel protocol")
     p.add_argument("--export_merged", default="", help="also write a plain CLIP state dict with adapters merged")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,7 +144,8 @@ def load_adapters(path, model, config):
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[-1].startswith("lora_")]
     if missing or unexpected:
-        raise UserError(f"{path}: adapter tensors do not fit the model ({len(missing)} missing, {len(unexpected)} unexpected)")
+        raise UserError(f"{path}: adapter tensors do not fit the model "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected)")
 
 
 def merge_all(layers):
