@@ -256,14 +256,16 @@ def _download(name, root):
     path = os.path.join(root, filename)
     if os.path.isfile(path) and _sha256(path) == sha256:
         return path
-    state = "is corrupt (sha256 mismatch)" if os.path.isfile(path) else "is not cached"
+    corrupt = os.path.isfile(path)
     os.makedirs(root, exist_ok=True)
     try:  # download_url_to_file writes a temporary file, checks the hash, then renames it into place
         torch.hub.download_url_to_file(_URL.format(sha256=sha256, file=filename), path, hash_prefix=sha256)
     except Exception as error:
-        raise LoadError(f"{path} {state} and the download failed ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); delete it and retry online, "
-                        f"or pass the path of a good copy of {filename} as the backbone") from None
+        state = "is corrupt (sha256 mismatch)" if corrupt else "is not cached"
+        todo = "delete it and retry online" if corrupt else "retry online"
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise LoadError(f"{path} {state} and the download failed ({type(error).__name__}: {reason}); "
+                        f"{todo}, or pass the path of a good copy of {filename} as the backbone") from None
     return path
 
 

@@ -877,6 +877,7 @@ class TestCommandLine(unittest.TestCase):
                 (["--backbone", "tiny", "--save_path", os.path.join(blocked, "out")], r"output directory .* cannot write"),
                 (["--shots", "0"], r"--shots 0: expected a positive integer"),
                 (["--summarize", tmp], rf"{tmp}: no results.json found"),
+                (["--backbone", "tiny", "--eval_only", "--save_path", tmp], r"adapter\.pt: no adapter file"),
             ]
             for argv, pattern in cases:
                 self.assertOneLineError(argv, pattern)

@@ -133,8 +133,6 @@ def load_adapters(path, model, config):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         saved_config, tensors = saved["config"], saved["state_dict"]
-    except FileNotFoundError:
-        raise UserError(f"{path}: no adapter file (train first, or check --save_path)") from None
     except Exception:
         raise UserError(f"{path}: not an adapter file written by train.py") from None
     for field in ADAPTER_FIELDS:
@@ -303,6 +301,9 @@ def run(args):
     """Train (or with --eval_only, re-evaluate) one configuration; returns the results dict."""
     device = check_args(args)
     out = run_dir(args)
+    adapter_path = os.path.join(out, "adapter.pt")
+    if args.eval_only and not os.path.isfile(adapter_path):
+        raise UserError(f"{adapter_path}: no adapter file (train first, or check --save_path)")
     if not args.eval_only:
         ensure_writable(out)
     random.seed(args.seed)
@@ -324,7 +325,6 @@ def run(args):
 
     layers = add_adapters(model, config)
     print(parameter_line(model))
-    adapter_path = os.path.join(out, "adapter.pt")
     seconds = 0.0
     if args.eval_only:
         load_adapters(adapter_path, model, config)
