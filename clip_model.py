@@ -224,6 +224,8 @@ def build_model(state_dict, source="state dict"):
             transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
     except KeyError as missing:
         raise LoadError(f"{source}: not a CLIP ViT state dict (missing key {missing})") from None
+    except (IndexError, AttributeError):
+        raise LoadError(f"{source}: not a CLIP ViT state dict (a size-giving tensor has too few dimensions)") from None
     with torch.device("meta"):  # skip the random initialisation that the weights overwrite anyway
         model = CLIP(**config)
     expected, found = set(model.state_dict()), set(sd)
@@ -231,7 +233,11 @@ def build_model(state_dict, source="state dict"):
         missing, extra = sorted(expected - found), sorted(found - expected)
         raise LoadError(f"{source}: state dict does not fit CLIP ({len(missing)} missing keys, e.g. {missing[:3]}; "
                         f"{len(extra)} unexpected, e.g. {extra[:3]})")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    except (RuntimeError, AttributeError) as error:  # a tensor whose shape does not fit the others
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise LoadError(f"{source}: tensor shapes do not fit one CLIP ({first[:200]})") from None
     return model.eval()
 
 

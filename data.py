@@ -24,17 +24,18 @@ from CoOp (KaiyangZhou/CoOp `datasets/*.py`) and Dassl (`dassl/data/datasets/bas
   sorted labels, m = ceil(n / 2), base = the first m, new = the rest, relabelled 0.. in order; the same
   selection applies to train, val and test.
 """
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP normalisation, as in CLIP-LoRA main.py
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -173,11 +174,16 @@ def _read_split_json(root, name, spec):
     try:
         with open(path) as f:
             split = json.load(f)
-        parts = [[(os.path.join(images, rel), int(label), cname) for rel, label, cname in split[part]]
+        parts = [[(os.path.join(images, rel), label, cname) for rel, label, cname in split[part]]
                  for part in ("train", "val", "test")]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(f"split file {path} is not a CoOp split ({type(error).__name__}: {error}); expected "
                         '{"train": [[path, label, classname], ...], "val": [...], "test": [...]}') from None
+    for part, items in zip(("train", "val", "test"), parts):
+        for image, label, _ in items:
+            if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+                raise DataError(f"split file {path}: {part} item {os.path.relpath(image, images)!r} has label "
+                                f"{label!r}; expected an integer >= 0")
     names = {}
     for _, label, cname in (item for part in parts for item in part):
         names.setdefault(label, spec.renames.get(cname, cname).replace("_", " "))
@@ -220,6 +226,7 @@ def _class_folders(directory):
 def _list_images(directory, label_of):
     """(path, label) for the images in directory/<folder>/ (recursive, sorted, ImageFolder's extensions), the
     order torchvision's ImageFolder uses; every class folder that exists must hold at least one image."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # here: importing torchvision takes 1.5 s
     items = make_dataset(directory, label_of, extensions=IMG_EXTENSIONS, allow_empty=True)
     found = {label for _, label in items}
     for folder, label in label_of.items():
@@ -391,6 +398,7 @@ def build_dataset(name, root, shots, seed, subsample="all"):
 
 def train_transform(size):
     """CLIP-LoRA main.py's training augmentation, for images of `size` pixels."""
+    from torchvision import transforms  # here, so that flag errors need not wait for torchvision to import
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(0.08, 1), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(p=0.5),
@@ -399,32 +407,67 @@ def train_transform(size):
     ])
 
 
-class ImageList(torch.utils.data.Dataset):
-    """(image tensor, label) over a list of (path, label); an unreadable image raises DataError naming it."""
+def _sample_seed(*numbers):
+    """A 63-bit seed from a tuple of integers (stable across machines and Python versions)."""
+    digest = hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, items, transform):
-        self.items, self.transform = list(items), transform
+
+class PassSampler(torch.utils.data.Sampler):
+    """Yields (pass, index) keys: pass p over the data is shuffled by a generator seeded with (seed, p).
+
+    The keys let ImageList draw each sample's augmentation from (seed, pass, index) alone, so the batches do
+    not depend on which worker process loads which sample (any --workers gives the same run)."""
+
+    def __init__(self, size, shuffle, seed):
+        self.size, self.shuffle, self.seed, self.passes = size, shuffle, seed, 0
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        p, self.passes = self.passes, self.passes + 1
+        if not self.shuffle:
+            return ((p, index) for index in range(self.size))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(_sample_seed(self.seed, p)))
+        return ((p, index) for index in order.tolist())
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(image tensor, label) over a list of (path, label); an unreadable image raises DataError naming it.
+
+    A key is an index or a PassSampler's (pass, index); the transform's random draws come from a generator
+    seeded with (seed, pass, index), and the caller's random stream is left untouched."""
+
+    def __init__(self, items, transform, seed=0):
+        self.items, self.transform, self.seed = list(items), transform, seed
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        p, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.items[index]
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
-        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, zlib.error... on bad files
             raise DataError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
-        return self.transform(rgb), label
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's global RNG
+            torch.manual_seed(_sample_seed(self.seed, p, index))
+            return self.transform(rgb), label
 
 
-def make_loader(items, transform, batch_size, shuffle, workers, generator=None):
-    """A DataLoader over `items`; with `generator`, the shuffle order and the workers' seeds come from it."""
+def make_loader(items, transform, batch_size, shuffle, workers, seed=0):
+    """A DataLoader over `items` whose order and augmentations depend on `seed` alone, not on `workers`;
+    it never draws from torch's global random stream."""
     if shuffle and not items:
         raise DataError("no images to train on: the training split is empty")
-    return torch.utils.data.DataLoader(ImageList(items, transform), batch_size=batch_size, shuffle=shuffle,
-                                       num_workers=workers, drop_last=False, generator=generator,
-                                       pin_memory=torch.cuda.is_available(),
+    return torch.utils.data.DataLoader(ImageList(items, transform, seed), batch_size=batch_size,
+                                       sampler=PassSampler(len(items), shuffle, seed), num_workers=workers,
+                                       drop_last=False, pin_memory=torch.cuda.is_available(),
+                                       # the loader's own seed draws (worker seeds) come from here, not torch's
+                                       generator=torch.Generator().manual_seed(seed),
                                        # few-shot epochs are a batch or two: keep workers alive across them
                                        persistent_workers=workers > 0)
 
@@ -448,32 +491,78 @@ def _synthetic_image(label, size, generator):
 
 
 def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, size=32, seed=0):
-    """Write a tiny, easy dataset into `root` (best a fresh folder) in two real layouts, and return `root`:
+    """Write a tiny, easy dataset in two real layouts into the new folder `root`, and return `root`:
     root/eurosat/2750/<Folder>/<Folder>_<i>.jpg with root/eurosat/split_zhou_EuroSAT.json (EuroSAT's first
-    `n_classes` folder names, 4 val images per class), and root/imagefolder/{train,test}/<class>/*.png."""
+    `n_classes` folder names, 4 val images per class), and root/imagefolder/{train,test}/<class>/*.png.
+
+    Nothing that exists is written into: the folder is built under a temporary name and renamed into place,
+    so it is complete or absent. A complete demo folder of the same parameters is reused (also when a
+    concurrent call made it first); any other existing folder, unless empty, is a DataError."""
     folders = list(EUROSAT_CLASSNAMES)
     if not 1 <= n_classes <= len(folders):
         raise DataError(f"n_classes {n_classes}: expected 1 to {len(folders)} (EuroSAT has {len(folders)} classes)")
-    generator = torch.Generator().manual_seed(seed)
-    counts = {"train": n_train_per_class, "val": 4, "test": n_test_per_class}
+    root = os.path.abspath(root)
+    params = dict(n_classes=n_classes, n_train_per_class=n_train_per_class, n_test_per_class=n_test_per_class,
+                  size=size, seed=seed)
+    if _is_synthetic(root, params):
+        return root
+    if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+        raise DataError(f"{root} exists and is not a demo folder written by this program; the demo writes its "
+                        "data only into a new folder (pass another --root, or none)")
+    parent = os.path.dirname(root)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        building = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp", dir=parent)
+    except OSError as error:
+        raise DataError(f"cannot create the demo data folder in {parent} ({error.strerror})") from None
+    try:
+        os.chmod(building, 0o755)  # mkdtemp makes it private
+        _write_synthetic_files(building, folders[:n_classes], params)
+        try:
+            os.rename(building, root)  # atomic; replaces `root` only if it is an empty folder
+        except OSError:
+            if not _is_synthetic(root, params):  # a concurrent demo may have made the same folder first
+                raise
+    except OSError as error:
+        raise DataError(f"cannot write the demo data folder {root} ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return root
+
+
+_SYNTHETIC_MARK = "synthetic_demo.json"  # written last: its presence means the folder is complete
+
+
+def _is_synthetic(root, params):
+    try:
+        with open(os.path.join(root, _SYNTHETIC_MARK)) as f:
+            return json.load(f) == params
+    except (OSError, ValueError):
+        return False
+
+
+def _write_synthetic_files(root, folders, params):
+    generator = torch.Generator().manual_seed(params["seed"])
+    counts = {"train": params["n_train_per_class"], "val": 4, "test": params["n_test_per_class"]}
     split = {part: [] for part in counts}
-    for label, folder in enumerate(folders[:n_classes]):
+    for label, folder in enumerate(folders):
         os.makedirs(os.path.join(root, "eurosat", "2750", folder), exist_ok=True)
         index = 1  # EuroSAT numbers its files from 1
         for part, count in counts.items():
             for _ in range(count):
                 relative = f"{folder}/{folder}_{index}.jpg"
-                _synthetic_image(label, size, generator).save(
+                _synthetic_image(label, params["size"], generator).save(
                     os.path.join(root, "eurosat", "2750", relative), quality=95)
                 split[part].append([relative, label, folder])
                 index += 1
     with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
         json.dump(split, f, indent=1)
-    for label, folder in enumerate(folders[:n_classes]):
+    for label, folder in enumerate(folders):
         cname = EUROSAT_CLASSNAMES[folder].lower().replace(" ", "_")
-        for part, count in (("train", n_train_per_class), ("test", n_test_per_class)):
+        for part in ("train", "test"):
             directory = os.path.join(root, "imagefolder", part, cname)
             os.makedirs(directory, exist_ok=True)
-            for index in range(count):
-                _synthetic_image(label, size, generator).save(os.path.join(directory, f"{cname}_{index}.png"))
-    return root
+            for index in range(counts[part]):
+                _synthetic_image(label, params["size"], generator).save(os.path.join(directory, f"{cname}_{index}.png"))
+    with open(os.path.join(root, _SYNTHETIC_MARK), "w") as f:
+        json.dump(params, f)

@@ -3,13 +3,18 @@
 Everything runs on a tiny random CLIP and small synthetic datasets written in the real on-disk layouts;
 no network, no GPU. Ends with a line `N passed, N failed`.
 """
+import concurrent.futures
 import contextlib
 import copy
 import io
 import json
 import math
 import os
+import itertools
 import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -506,6 +511,38 @@ def touch(path):
     open(path, "w").close()
 
 
+def truncated_jpeg(path):
+    """A JPEG cut in half, as an interrupted copy leaves it."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, "JPEG")
+    with open(path, "wb") as f:
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+
+def corrupted_png(path):
+    """A PNG whose second IDAT chunk has a damaged type: PIL raises SyntaxError, not OSError, at decoding."""
+    noise = torch.Generator().manual_seed(0)
+    pixels = bytes(torch.randint(0, 256, (160 * 160 * 3,), generator=noise, dtype=torch.uint8).tolist())
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (160, 160), pixels).save(buffer, "PNG")  # noise: over 64 KiB, so several IDAT chunks
+    png = bytearray(buffer.getvalue())
+    second = png.index(b"IDAT", png.index(b"IDAT") + 4)
+    png[second + 1] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(png)
+
+
+def tree_state(folder):
+    """Every folder and file under `folder` with the file's bytes: equal states mean nothing was touched."""
+    state = {}
+    for directory, _, files in os.walk(folder):
+        state[os.path.relpath(directory, folder)] = None
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                state[os.path.relpath(os.path.join(directory, name), folder)] = f.read()
+    return state
+
+
 class TestData(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -709,14 +746,43 @@ class TestData(unittest.TestCase):
                        "test": [["b.jpg", 0, "Forest"], ["c.jpg", 1, "River"]]}, f)
         self.assertDataError("class 'River' (label 1) has no images", data.build_dataset, "eurosat", split_root, 1, 0)
 
-    def test_undecodable_image_is_named(self):
-        bad = os.path.join(self.tmp, "broken.jpg")
-        with open(bad, "w") as f:
+    def test_undecodable_images_are_named(self):
+        """Text posing as JPEG, a truncated JPEG and a PNG with a corrupted chunk (PIL: SyntaxError)."""
+        broken = os.path.join(self.tmp, "broken.jpg")
+        with open(broken, "w") as f:
             f.write("not an image")
-        items = [(bad, 0)]
-        self.assertDataError(f"cannot read image {bad}", data.ImageList(items, data.train_transform(32)).__getitem__, 0)
-        loader = data.make_loader(items, data.train_transform(32), batch_size=1, shuffle=False, workers=1)
-        self.assertDataError(f"cannot read image {bad}", list, loader)  # re-raised from a worker, still one line
+        truncated, corrupted = os.path.join(self.tmp, "truncated.jpg"), os.path.join(self.tmp, "corrupted.png")
+        truncated_jpeg(truncated)
+        corrupted_png(corrupted)
+        for bad in (broken, truncated, corrupted):
+            items = [(bad, 0)]
+            self.assertDataError(f"cannot read image {bad}", data.ImageList(items, data.train_transform(32)).__getitem__, 0)
+            loader = data.make_loader(items, data.train_transform(32), batch_size=1, shuffle=False, workers=1)
+            self.assertDataError(f"cannot read image {bad}", list, loader)  # re-raised from a worker, still one line
+
+    def test_split_labels_must_be_non_negative_integers(self):
+        root = os.path.join(self.tmp, "badlabels")
+        os.makedirs(os.path.join(root, "eurosat", "2750"))
+        for bad in (-1, 1.5, "0", True):
+            with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+                json.dump({"train": [["a.jpg", 0, "Forest"], ["b.jpg", bad, "River"]], "val": [],
+                           "test": [["c.jpg", 0, "Forest"]]}, f)
+            self.assertDataError(f"train item 'b.jpg' has label {bad!r}", data.build_dataset, "eurosat", root, 1, 0)
+
+    def test_synthetic_data_never_writes_into_an_existing_folder(self):
+        mine = os.path.join(self.tmp, "mine")
+        os.makedirs(os.path.join(mine, "eurosat"))
+        with open(os.path.join(mine, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+            f.write("the user's real split")
+        before = tree_state(mine)
+        self.assertDataError(f"{mine} exists and is not a demo folder", data.write_synthetic, mine)
+        self.assertEqual(tree_state(mine), before)
+        self.assertFalse([name for name in os.listdir(self.tmp) if ".tmp" in name])  # no temporary folder left
+        # a complete demo folder of the same parameters is reused as it is; other parameters are refused
+        state = tree_state(self.synthetic)
+        self.assertEqual(data.write_synthetic(self.synthetic, n_classes=5), self.synthetic)
+        self.assertEqual(tree_state(self.synthetic), state)
+        self.assertDataError("is not a demo folder", data.write_synthetic, self.synthetic, n_classes=3)
 
     # ------------------------------------------------------------------ transforms and loaders
 
@@ -727,7 +793,7 @@ class TestData(unittest.TestCase):
 
         def batches(seed):
             loader = data.make_loader(built.train, data.train_transform(24), batch_size=4, shuffle=True, workers=0,
-                                      generator=torch.Generator().manual_seed(seed))
+                                      seed=seed)
             return list(loader)
 
         first = batches(0)
@@ -809,18 +875,46 @@ class TestTrain(unittest.TestCase):
         accuracy = train.zero_shot_accuracy(model, dataset, dataset.template[0], preprocess, args, torch.device("cpu"))
         self.assertAlmostEqual(accuracy, results["accuracy"], places=4)
 
-    def test_retention_and_base_to_new(self):
-        args = self.args("--n_iters", "2", "--eval_datasets", "imagefolder", "--root", self.root, out="ret")
-        args.root = self.root
+    def test_retention_and_base_to_new_against_independent_accuracies(self):
+        args = self.args("--n_iters", "2", "--eval_datasets", "imagefolder", out="ret")
         with mock.patch.object(train, "load_dataset", side_effect=self._load_with_imagefolder):
             results, printed = quiet(train.run, args)
-        row = results["retention"]["imagefolder"]
-        self.assertEqual(row["retention"], row["adapted"] / row["plain"] if row["plain"] else None)
         self.assertIn("imagefolder: zero-shot plain", printed)
-        results, printed = quiet(train.run, self.args("--n_iters", "2", "--subsample", "base", out="b2n"))
-        hm = 2 * results["base_accuracy"] * results["new_accuracy"] / (results["base_accuracy"] + results["new_accuracy"])
-        self.assertAlmostEqual(results["harmonic_mean"], hm)
+        plain, _ = clip_model.load("tiny")
+        adapted_model = self.saved_model(args)
+        folder = data.build_dataset("imagefolder", os.path.join(self.root, "imagefolder"), 4, 1)
+        expected_plain = independent_accuracy(plain, folder.test, folder.classnames, folder.zeroshot_template)
+        expected_adapted = independent_accuracy(adapted_model, folder.test, folder.classnames, folder.zeroshot_template)
+        row = results["retention"]["imagefolder"]
+        self.assertAlmostEqual(row["plain"], expected_plain, places=4)
+        self.assertAlmostEqual(row["adapted"], expected_adapted, places=4)
+        if expected_plain:
+            self.assertAlmostEqual(row["retention"], expected_adapted / expected_plain, places=4)
+        else:
+            self.assertIsNone(row["retention"])
+
+        args = self.args("--n_iters", "2", "--subsample", "base", out="b2n")
+        results, printed = quiet(train.run, args)
         self.assertIn("2 classes", printed)
+        adapted_model = self.saved_model(args)
+        everything = data.build_dataset("eurosat", self.root, 4, 1)
+        names, m = everything.classnames, math.ceil(len(everything.classnames) / 2)  # CoCoOp: base = first half
+        base = [(path, label) for path, label in everything.test if label < m]
+        new = [(path, label - m) for path, label in everything.test if label >= m]
+        expected_base = independent_accuracy(adapted_model, base, names[:m], "a photo of a {}.")
+        expected_new = independent_accuracy(adapted_model, new, names[m:], "a photo of a {}.")
+        self.assertAlmostEqual(results["base_accuracy"], expected_base, places=4)
+        self.assertAlmostEqual(results["new_accuracy"], expected_new, places=4)
+        self.assertAlmostEqual(results["harmonic_mean"], 2 * expected_base * expected_new / (expected_base + expected_new)
+                               if expected_base + expected_new else 0.0, places=4)
+
+    def saved_model(self, args):
+        """A fresh tiny CLIP with the adapter that `args`' run saved, in eval mode."""
+        model, _ = clip_model.load("tiny")
+        config = train.adapter_config(args)
+        train.add_adapters(model, config)
+        train.load_adapters(os.path.join(train.run_dir(args), "adapter.pt"), model, config)
+        return model.eval()
 
     def _load_with_imagefolder(self, name, args, subsample="all"):
         root = os.path.join(self.root, "imagefolder") if name == "imagefolder" else args.root
@@ -830,63 +924,337 @@ class TestTrain(unittest.TestCase):
         args = self.args("--lr", "1e30", "--n_iters", "4", out="nan")
         with self.assertRaisesRegex(train.UserError, r"loss became nan at iteration \d+/16"):
             quiet(train.run, args)
-        self.assertFalse(os.path.exists(os.path.join(train.run_dir(args), "results.json")))
-        self.assertFalse(os.path.exists(os.path.join(train.run_dir(args), "adapter.pt")))
+        self.assertFalse(os.path.exists(train.run_dir(args)))
+
+    def test_real_sigint_mid_training_keeps_earlier_results(self):
+        save_path = os.path.join(self.tmp.name, "sigint")
+        base = ["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4", "--workers", "0",
+                "--lr", "5e-3", "--save_path", save_path]
+        earlier = self.args("--n_iters", "1", out="sigint")
+        quiet(train.run, earlier)
+        before = tree_state(save_path)
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *base, "--n_iters", "100000", "--overwrite",
+                                    "--print_every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in process.stdout:  # wait until training runs
+            if line.startswith("iter 2/"):
+                break
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 130, err)
+        self.assertIn("interrupted", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(tree_state(save_path), before)
+
+    def test_other_configuration_is_refused_and_overwrite_replaces(self):
+        first = self.args("--n_iters", "1", out="identity")
+        quiet(train.run, first)
+        folder = train.run_dir(first)
+        before = tree_state(os.path.dirname(folder))
+        for flag, value, field in (("--r", "4", "r 2"), ("--lr", "1e-3", "lr 0.005"), ("--encoder", "text", "encoder"),
+                                   ("--position", "top3", "position"), ("--params", "q", "params")):
+            with self.assertRaisesRegex(train.UserError, rf"holds a run with {field}.*--overwrite"):
+                quiet(train.run, self.args("--n_iters", "1", flag, value, out="identity"))
+            self.assertEqual(tree_state(os.path.dirname(folder)), before)
+        quiet(train.run, self.args("--n_iters", "1", out="identity"))  # the same configuration replaces
+        results, _ = quiet(train.run, self.args("--n_iters", "1", "--r", "4", "--overwrite", out="identity"))
+        with open(os.path.join(folder, "results.json")) as f:
+            self.assertEqual(json.load(f)["config"]["r"], 4)
+        self.assertEqual(results["config"]["r"], 4)
+        with open(os.path.join(self.tmp.name, "identity", "results.jsonl")) as f:
+            self.assertEqual([json.loads(line)["config"]["r"] for line in f], [2, 2, 4])
+
+    def test_a_fault_at_any_save_step_keeps_the_previous_set(self):
+        """Disk full or Ctrl-C at each system call of a save: the earlier set stays whole (or, once the new set is
+        committed, the new one is whole), and no temporary or backup file is left."""
+        faults = os.path.join(self.tmp.name, "faults")
+        folder, log, export = os.path.join(faults, "run"), os.path.join(faults, "results.jsonl"), os.path.join(faults, "merged.pt")
+
+        def save(tag):
+            files = [(export, lambda f: f.write(b"merged " + tag)),
+                     (os.path.join(folder, "adapter.pt"), lambda f: f.write(b"adapter " + tag)),
+                     (os.path.join(folder, "results.json"), lambda f: f.write(b"results " + tag))]
+            train.save_files(files, log=(log, tag.decode() + "\n"))
+
+        save(b"old")
+        before = tree_state(faults)
+        after = {**before, "merged.pt": b"merged new", "run/adapter.pt": b"adapter new",
+                 "run/results.json": b"results new", "results.jsonl": b"old\nnew\n"}
+        for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+            kept = 0
+            for fault in itertools.count():
+                calls = itertools.count()
+
+                def failing(real):
+                    def call(*args, **kwargs):
+                        if next(calls) == fault:
+                            raise error
+                        return real(*args, **kwargs)
+                    return call
+                with contextlib.ExitStack() as stack:
+                    for name in ("fsync", "replace", "write", "open", "mkdir", "ftruncate"):
+                        stack.enter_context(mock.patch(f"os.{name}", failing(getattr(os, name))))
+                    try:
+                        save(b"new")
+                        finished = True
+                    except (train.UserError, KeyboardInterrupt) as raised:
+                        finished = False
+                        if isinstance(error, OSError):
+                            self.assertIsInstance(raised, train.UserError)
+                            self.assertRegex(str(raised), r"cannot write \(No space left on device\); nothing was saved")
+                state = tree_state(faults)
+                self.assertIn(state, (before, after), (error, fault))
+                kept += state == before
+                if state == after:  # put the old set back for the next fault
+                    with open(log, "w") as f:
+                        f.write("")
+                    save(b"old")
+                    self.assertEqual(tree_state(faults), before)
+                if finished:
+                    break
+            # 3 file fsyncs, the log's open, 6 renames (3 backups, 3 new files), its write and fsync: each kept the old set
+            self.assertEqual(kept, 12, error)
+
+    def test_disk_full_during_a_run_is_one_line_and_keeps_earlier_results(self):
+        first = self.args("--n_iters", "1", out="diskfull")
+        quiet(train.run, first)
+        before = tree_state(first.save_path)
+        with mock.patch("os.fsync", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaisesRegex(train.UserError, r"seed1/adapter\.pt: cannot write \(No space left on device\)"):
+                quiet(train.run, self.args("--n_iters", "1", out="diskfull"))
+        self.assertEqual(tree_state(first.save_path), before)
+
+    def test_adapter_files_are_loaded_strictly(self):
+        model, layers = adapted("lora")
+        config = train.adapter_config(train.parse_args(["--backbone", "tiny"]))
+        tensors = train.adapter_tensors(model)
+        first = next(iter(tensors))
+        variants = {
+            "extra": ({"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}},
+                      r"unexpected tensor 'visual\.ln_post\.weight'"),
+            "shape": ({"config": config, "state_dict": {**tensors, first: torch.zeros(3, 3)}},
+                      rf"tensor '{re.escape(first)}' has shape \(3, 3\), expected \(2, 128\)"),
+            "missing": ({"config": config, "state_dict": {k: v for k, v in tensors.items() if k != first}},
+                        rf"adapter tensor '{re.escape(first)}' is missing"),
+            "nan": ({"config": config, "state_dict": {**tensors, first: torch.full((2, 128), math.nan)}},
+                    rf"tensor '{re.escape(first)}' holds NaN"),
+            "config": ({"config": ["lora"], "state_dict": tensors}, r"not an adapter file written by train\.py"),
+            "plain": (tensors, r"not an adapter file written by train\.py"),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (content, pattern) in variants.items():
+                path = os.path.join(tmp, f"{name}.pt")
+                torch.save(content, path)
+                fresh, _ = adapted("lora", seed=3)
+                state = copy.deepcopy(fresh.state_dict())
+                with self.assertRaisesRegex(train.UserError, rf"^{re.escape(path)}: {pattern}"):
+                    train.load_adapters(path, fresh, config)
+                self.assertTrue(all(torch.equal(state[k], v) for k, v in fresh.state_dict().items()), name)
+            garbage = os.path.join(tmp, "garbage.pt")
+            with open(garbage, "wb") as f:
+                f.write(b"\x80\x02not a zip")
+            with self.assertRaisesRegex(train.UserError, rf"{re.escape(garbage)}: cannot be read as an adapter file"):
+                train.load_adapters(garbage, adapted("lora")[0], config)
+
+    def test_worker_count_does_not_change_the_adapter(self):
+        tensors = []
+        for workers in ("0", "2"):
+            args = self.args("--n_iters", "2", "--workers", workers, out=f"workers{workers}")
+            quiet(train.run, args)
+            tensors.append(torch.load(os.path.join(train.run_dir(args), "adapter.pt"), weights_only=True)["state_dict"])
+        self.assertEqual(list(tensors[0]), list(tensors[1]))
+        self.assertTrue(all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0]))
+        self.assertTrue(any(tensors[0][k].abs().sum() > 0 for k in tensors[0] if k.endswith("lora_B")))
+
+    def test_eval_only_exports_the_merged_model(self):
+        args = self.args("--n_iters", "1", out="evalexport")
+        trained, _ = quiet(train.run, args)
+        export = os.path.join(self.tmp.name, "evalexport", "merged.pt")
+        before = tree_state(args.save_path)
+        again, _ = quiet(train.run, self.args("--n_iters", "1", "--eval_only", "--export_merged", export, out="evalexport"))
+        self.assertEqual(again["accuracy"], trained["accuracy"])
+        after = tree_state(args.save_path)
+        self.assertEqual(set(after) - set(before), {"merged.pt"})
+        self.assertEqual({k: v for k, v in after.items() if k != "merged.pt"}, before)
+        model, preprocess = clip_model.load(export)
+        dataset = data.build_dataset("eurosat", self.root, 4, 1)
+        self.assertAlmostEqual(independent_accuracy(model, dataset.test, dataset.classnames, "a photo of a {}."),
+                               trained["accuracy"], places=4)
+
+    def test_two_demos_at_once_both_succeed(self):
+        save_path = os.path.join(self.tmp.name, "demos")
+        command = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "synthetic", "--backbone", "tiny",
+                   "--shots", "2", "--n_iters", "1", "--workers", "0", "--save_path", save_path]
+        processes = [subprocess.Popen(command + ["--seed", seed], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for seed in ("1", "2")]
+        for process in processes:
+            _, err = process.communicate(timeout=120)
+            self.assertEqual(process.returncode, 0, err)
+        with open(os.path.join(save_path, "results.jsonl")) as f:
+            self.assertEqual(sorted(json.loads(line)["args"]["seed"] for line in f), [1, 2])
+        self.assertEqual(sorted(os.listdir(save_path)), ["results.jsonl", "synthetic", "synthetic_data"])
 
 
-    def test_interrupt_leaves_no_result_files(self):
-        args = self.args("--n_iters", "2", out="interrupted")
-        argv = ["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4", "--workers", "0",
-                "--save_path", args.save_path]
-        with mock.patch.object(train, "train", side_effect=KeyboardInterrupt), \
-                contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as exit_code:
-            quiet(train.main, argv)
-        self.assertEqual(exit_code.exception.code, 130)
-        self.assertIn("interrupted", err.getvalue())
-        leftovers = [name for _, _, files in os.walk(args.save_path) for name in files]
-        self.assertEqual(leftovers, [])
+def independent_accuracy(model, items, classnames, template):
+    """Top-1 accuracy (%) computed here from the images, without train.py's evaluation code."""
+    _, preprocess = clip_model.load("tiny")
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(path)) for path, _ in items])
+        image = F.normalize(model.encode_image(images), dim=-1)
+        text = F.normalize(model.encode_text(clip_model.tokenize([template.format(c) for c in classnames])), dim=-1)
+    predicted = (image @ text.t()).argmax(dim=-1)
+    return 100.0 * sum(int(p) == label for p, (_, label) in zip(predicted, items)) / len(items)
 
 
 class TestCommandLine(unittest.TestCase):
-    """User mistakes: one line on stderr, non-zero exit, no traceback."""
+    """User mistakes through the real command line, each in its own process: the exit code, one stderr line
+    holding the expected fragment, no traceback, and nothing created, changed or removed under the test folder."""
 
-    def cli(self, *argv):
-        result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True,
-                                text=True, cwd=tempfile.gettempdir())
-        return result.returncode, result.stderr.strip()
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = tmp = cls._tmp.name
+        cls.root = data.write_synthetic(os.path.join(tmp, "data"))
+        cls.cwd = os.path.join(tmp, "cwd")  # the default --save_path "out" lands in here
+        os.makedirs(cls.cwd)
+        with open(os.path.join(tmp, "notweights.pt"), "w") as f:
+            f.write("not weights")
+        state = tiny().state_dict()
+        state["visual.ln_post.weight"] = torch.ones(5)
+        torch.save(state, os.path.join(tmp, "badshape.pt"))
+        open(os.path.join(tmp, "afile"), "w").close()
+        os.makedirs(os.path.join(tmp, "empty"))
+        os.makedirs(os.path.join(tmp, "nosplit", "eurosat", "2750"))
+        os.makedirs(os.path.join(tmp, "mine"))
+        with open(os.path.join(tmp, "mine", "notes.txt"), "w") as f:
+            f.write("the user's own file")
+        cls.bad_data("badlabel", lambda split, image_dir: split["train"][0].__setitem__(1, -1))
+        for split_name in ("train", "test"):
+            for kind, write in (("truncated", truncated_jpeg), ("corrupted", corrupted_png)):
+                cls.bad_data(f"{kind}_{split_name}", cls.bad_image(split_name, kind, write))
+        # a saved run with r 2, and adapter files for a default-flag tiny run
+        args = train.parse_args(["--backbone", "tiny", "--dataset", "eurosat", "--shots", "4", "--n_iters", "1",
+                                 "--save_path", os.path.join(tmp, "saved")])
+        folder = train.run_dir(args)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "results.json"), "w") as f:
+            json.dump({"config": train.run_config(args, torch.device("cpu")), "accuracy": 50.0}, f)
+        torch.save({}, os.path.join(folder, "adapter.pt"))
+        config = train.adapter_config(args)
+        model, _ = adapted("lora")
+        tensors = train.adapter_tensors(model)
+        first = next(iter(tensors))
+        for name, content in (("extra", {"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}}),
+                              ("shape", {"config": config, "state_dict": {**tensors, first: torch.zeros(3, 3)}}),
+                              ("notdict", {"config": "lora", "state_dict": tensors}),
+                              ("r4", {"config": dict(config, r=4), "state_dict": tensors})):
+            torch.save(content, os.path.join(tmp, f"adapter_{name}.pt"))
 
-    def assertOneLineError(self, argv, pattern):
-        code, err = self.cli(*argv)
-        self.assertEqual(code, 1, err)
-        self.assertEqual(len(err.splitlines()), 1, err)
-        self.assertRegex(err, pattern)
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
 
-    def test_errors(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = os.path.join(tmp, "ViT-B-16.pt")
-            with open(weights, "w") as f:
-                f.write("not weights")
-            blocked = os.path.join(tmp, "file")
-            open(blocked, "w").close()
-            cases = [
-                (["--method", "dora"], r"--method 'dora': expected one of lora, comp, block"),
-                (["--dataset", "mnist"], r"--dataset 'mnist': expected one of eurosat, dtd"),
-                (["--backbone", weights, "--root", tmp], rf"{weights}: neither a TorchScript"),
-                (["--backbone", "tiny", "--dataset", "eurosat", "--root", os.path.join(tmp, "none")],
-                 r"data root .*none does not exist"),
-                (["--backbone", "tiny", "--save_path", os.path.join(blocked, "out")], r"output directory .* cannot write"),
-                (["--shots", "0"], r"--shots 0: expected a positive integer"),
-                (["--summarize", tmp], rf"{tmp}: no results.json found"),
-                (["--backbone", "tiny", "--eval_only", "--save_path", tmp], r"adapter\.pt: no adapter file"),
-            ]
-            for argv, pattern in cases:
-                self.assertOneLineError(argv, pattern)
+    @classmethod
+    def bad_data(cls, name, change):
+        """A copy of the synthetic EuroSAT whose split (and images) `change(split, image_dir)` spoils."""
+        root = os.path.join(cls.tmp, name)
+        shutil.copytree(os.path.join(cls.root, "eurosat"), os.path.join(root, "eurosat"))
+        path = os.path.join(root, "eurosat", "split_zhou_EuroSAT.json")
+        with open(path) as f:
+            split = json.load(f)
+        change(split, os.path.join(root, "eurosat", "2750"))
+        with open(path, "w") as f:
+            json.dump(split, f)
 
-    def test_offline_weights_error_names_file(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            code, err = self.cli("--backbone", os.path.join(tmp, "missing.pt"))
-        self.assertEqual(code, 1)
-        self.assertRegex(err, r"unknown model '.*missing\.pt': expected one of \['ViT-B/32'")
+    @staticmethod
+    def bad_image(split_name, kind, write):
+        def change(split, image_dir):
+            if split_name == "train":  # keep 4 per class, so that --shots 4 draws the bad one
+                split["train"] = [item for item in split["train"] if int(item[0].rsplit("_", 1)[1][:-4]) % 8 in (1, 2, 3, 4)]
+            item = split[split_name][1]
+            item[0] = item[0][:-4] + (".png" if kind == "corrupted" else ".jpg")
+            write(os.path.join(image_dir, item[0]))
+        return change
+
+    def cases(self):
+        t = self.tmp
+        dataset = lambda name: ["--root", os.path.join(t, name)]
+        adapter = lambda name: ["--adapter", os.path.join(t, f"adapter_{name}.pt")]
+        return [  # (extra arguments, expected fragment of the message[, exit code])
+            (["--method", "dora"], "--method 'dora': expected one of lora, comp, block"),
+            (["--dataset", "mnist"], "--dataset 'mnist': expected one of eurosat, dtd"),
+            (["--eval_datasets", "dtd,mnist"], "--eval_datasets 'mnist': expected one of"),
+            (["--dataset", "imagenet_a"], "--dataset imagenet_a: an evaluation-only dataset"),
+            (["--shots", "0"], "--shots 0: expected a positive integer"),
+            (["--shots", "four"], "argument --shots: invalid int value: 'four'", 2),
+            (["--n_iters", "-3"], "--n_iters -3: expected a positive integer"),
+            (["--batch_size", "0"], "--batch_size 0: expected a positive integer"),
+            (["--r", "0"], "--r 0: expected a positive integer"),
+            (["--blocks", "0"], "--blocks 0: expected a positive integer"),
+            (["--seed", "-1"], "--seed -1: expected an integer from 0 to 4294967295"),
+            (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: expected an integer from 0"),
+            (["--lr", "nan"], "--lr nan: expected a positive number"),
+            (["--lr", "-1"], "--lr -1.0: expected a positive number"),
+            (["--lr", "inf"], "--lr inf: expected a positive number"),
+            (["--alpha", "0"], "--alpha 0.0: expected a finite number other than 0"),
+            (["--dropout_rate", "1"], "--dropout_rate 1.0: expected a number in [0, 1)"),
+            (["--comp_ratio", "1.5"], "--comp_ratio 1.5: expected a number in [0, 1)"),
+            (["--comp_ratio", "nan"], "--comp_ratio nan: expected a number in [0, 1)"),
+            (["--params", "q", "q"], "--params q q: a projection named twice"),
+            (["--params", "q", "x"], "--params q x: unknown 'x'"),
+            (["--position", "middle"], "argument --position: invalid choice: 'middle'", 2),
+            (["--workers", "-1"], "--workers -1: expected 0 or more"),
+            (["--device", "cuda"], "--device cuda: no CUDA device is available here"),
+            (["--device", "cuda:3"], "--device cuda:3: no CUDA device is available here"),
+            (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+            (["--backbone", os.path.join(t, "missing.pt")], f"--backbone '{t}/missing.pt': expected one of ['ViT-B/32'"),
+            (["--backbone", os.path.join(t, "notweights.pt")], f"{t}/notweights.pt: neither a TorchScript archive"),
+            (["--backbone", os.path.join(t, "badshape.pt")], f"{t}/badshape.pt: tensor shapes do not fit one CLIP"),
+            (dataset("nowhere"), f"data root {t}/nowhere does not exist"),
+            (dataset("nosplit"), f"file {t}/nosplit/eurosat/split_zhou_EuroSAT.json not found"),
+            (dataset("badlabel"), "has label -1; expected an integer >= 0"),
+            (dataset("truncated_test"), f"cannot read image {t}/truncated_test/eurosat/2750/"),
+            (dataset("corrupted_test"), "(SyntaxError: broken PNG file"),
+            (dataset("truncated_train"), f"cannot read image {t}/truncated_train/eurosat/2750/"),
+            (dataset("corrupted_train") + ["--workers", "1"], "(SyntaxError: broken PNG file"),
+            (["--method", "block", "--blocks", "7"], "--blocks 7: visual.transformer.resblocks.0.attn.q_proj has 128 "
+                                                      "inputs, not divisible by 7"),
+            (["--save_path", os.path.join(t, "afile", "out")], f"output directory {t}/afile/out/eurosat/lora/4shots/seed1: cannot write ({t}/afile is a file)"),
+            (["--save_path", os.path.join(t, "saved"), "--r", "4"], "seed1 holds a run with r 2, this run has r 4; "
+                                                                    "choose another --save_path, or pass --overwrite"),
+            (["--save_path", os.path.join(t, "saved"), "--eval_only"], f"{t}/saved/eurosat/lora/4shots/seed1/adapter.pt: "
+                                                                       "not an adapter file written by train.py"),
+            (["--eval_only"], "out/eurosat/lora/4shots/seed1/adapter.pt: no adapter file"),
+            (adapter("missing"), f"--adapter {t}/adapter_missing.pt: no such file"),
+            (adapter("extra"), "unexpected tensor 'visual.ln_post.weight'"),
+            (adapter("shape"), "has shape (3, 3), expected (2, 128)"),
+            (adapter("notdict"), "not an adapter file written by train.py"),
+            (adapter("r4"), "adapter r is 4, but this run has r 2"),
+            (["--export_merged", os.path.join(t, "nofolder", "m.pt")], f"--export_merged {t}/nofolder/m.pt: folder"),
+            (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: is a folder"),
+            (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
+            (["--summarize", os.path.join(t, "empty")], f"{t}/empty: no results.json found"),
+        ]
+
+    def test_each_mistake_is_one_line_and_writes_nothing(self):
+        base = ["--backbone", "tiny", "--dataset", "eurosat", "--root", self.root, "--shots", "4", "--n_iters", "1",
+                "--workers", "0"]
+        before = tree_state(self.tmp)
+
+        def run(case):
+            extra, fragment, code = (*case, 1)[:3]
+            result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *base, *extra],
+                                    capture_output=True, text=True, cwd=self.cwd, timeout=300)
+            return extra, fragment, code, result
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            for extra, fragment, code, result in pool.map(run, self.cases()):
+                with self.subTest(" ".join(extra)):
+                    err = result.stderr.strip()
+                    self.assertEqual(result.returncode, code, err)
+                    self.assertEqual(len(err.splitlines()), 1, err)
+                    self.assertTrue(err.startswith("error: "), err)
+                    self.assertIn(fragment, err)
+        self.assertEqual(tree_state(self.tmp), before)
 
 
 if __name__ == "__main__":

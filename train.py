@@ -8,13 +8,21 @@ Flags and defaults are those of the official CLIP-LoRA code (MaxZanella/CLIP-LoR
 lora.py), so its results are reproduced by default and its users only change the script name.
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
+
+try:
+    import fcntl  # POSIX: serialises concurrent runs' saves
+except ImportError:  # Windows: saves are still atomic file by file
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -30,23 +38,35 @@ ADAPTER_FIELDS = ("method", "r", "alpha", "scaling_rule", "blocks", "comp_ratio"
                   "params", "backbone")  # what defines the adapted model; dropout only matters in training
 
 
+MAX_SEED = 2 ** 32 - 1
+
+
 class UserError(Exception):
     """A mistake in the command line or the files it names; printed as one line."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, as every other user mistake (argparse prints its usage block first)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="lora", help="lora, comp or block")
     p.add_argument("--dataset", default="dtd", help=f"one of {', '.join(data.DATASETS)}, or synthetic")
-    p.add_argument("--root", "--root_path", dest="root", default="", help="data root (CoOp layout)")
+    p.add_argument("--root", "--root_path", dest="root", default="",
+                   help="data root (CoOp layout); with --dataset synthetic, a new folder for the demo data "
+                        "(default <save_path>/synthetic_data); an existing folder is never written into")
     p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help=f"0 to {MAX_SEED} (numpy's limit in CLIP-LoRA's seeding)")
     p.add_argument("--backbone", default="ViT-B/16", help=f"{clip_model.available_models()} or a weights file")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--n_iters", type=int, default=500, help="total iterations = n_iters x shots")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--r", type=int, default=2)
-    p.add_argument("--alpha", type=float, default=1)
+    p.add_argument("--alpha", type=float, default=1, help="scaling s = alpha / sqrt(r); 0 is refused (nothing "
+                                                          "would train)")
     p.add_argument("--dropout_rate", type=float, default=0.25)
     p.add_argument("--encoder", default="both", choices=["text", "vision", "both"])
     p.add_argument("--params", nargs="+", default=["q", "k", "v"], help="projections among q k v o")
@@ -54,14 +74,26 @@ def parse_args(argv=None):
     p.add_argument("--blocks", type=int, default=8, help="Block-LoRA: number of input chunks n")
     p.add_argument("--comp_ratio", type=float, default=0.5, help="Comp-LoRA: protected share k / min(d_out, d_in)")
     p.add_argument("--save_path", default="out",
-                   help="results root: <save_path>/<dataset>/<method>/<shots>shots/seed<seed>/")
-    p.add_argument("--eval_only", action="store_true", help="evaluate the saved adapter of this configuration")
+                   help="results root: <save_path>/<dataset>/<method>/<shots>shots/seed<seed>/; a folder that "
+                        "holds a run of another configuration is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a saved run of another configuration in the same folder")
+    p.add_argument("--eval_only", action="store_true",
+                   help="evaluate the saved adapter of this configuration (ours, or CLIP-LoRA's file at "
+                        "<save_path>/<backbone>/<dataset>/<shots>shots/seed<seed>/<filename>.pt); writes no "
+                        "result files, only --export_merged if given")
+    p.add_argument("--adapter", default="", metavar="FILE",
+                   help="evaluate this adapter file (ours or CLIP-LoRA's), like --eval_only")
+    p.add_argument("--filename", default="lora_weights", help="CLIP-LoRA's adapter file name, without .pt")
     p.add_argument("--eval_datasets", default="",
                    help="comma-separated datasets for zero-shot retention after training")
     p.add_argument("--subsample", default="all", choices=["all", "base"], help="base: base-to-novel protocol")
-    p.add_argument("--export_merged", default="", help="also write a plain CLIP state dict with adapters merged")
+    p.add_argument("--export_merged", default="", metavar="FILE",
+                   help="also write a plain CLIP state dict with the adapters merged (with --eval_only or "
+                        "--adapter: of the evaluated adapter)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes; results do not depend on it")
     p.add_argument("--print_every", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--summarize", metavar="DIR", help="print mean and std over seeds of the results under DIR")
     return p.parse_args(argv)
@@ -111,39 +143,56 @@ def parameter_line(model):
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename into place: readers never see a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def is_adapter_key(key):
+    return key.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def adapter_tensors(model):
+    """The lora_ tensors of `model`, on the CPU: what an adapter file holds."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if is_adapter_key(k)}
+
+
+def write_adapters(file, model, config):
+    """One torch.save file: {"config": adapter config, "state_dict": the lora_ tensors}."""
+    torch.save({"config": config, "state_dict": adapter_tensors(model)}, file)
 
 
 def save_adapters(path, model, config):
-    """One torch.save file: {"config": adapter config, "state_dict": the lora_ tensors}."""
-    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1].startswith("lora_")}
-    atomic_write(path, lambda tmp: torch.save({"config": config, "state_dict": tensors}, tmp))
+    """Write an adapter file for `model`, all or nothing (see save_files)."""
+    save_files([(path, lambda f: write_adapters(f, model, config))])
 
 
 def load_adapters(path, model, config):
-    """Load a save_adapters file into a model already adapted with `config`; a mismatch is a UserError."""
+    """Load an adapter file into a model already adapted with `config`. The file's config must equal
+    `config` field by field, and its tensors must be exactly the model's lora_ tensors, shapes included;
+    anything else is a UserError naming the file and the first offending field or key."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        saved_config, tensors = saved["config"], saved["state_dict"]
-    except Exception:
-        raise UserError(f"{path}: not an adapter file written by train.py") from None
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: cannot be read as an adapter file ({reason})") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+            and isinstance(saved.get("state_dict"), dict)):
+        raise UserError(f"{path}: not an adapter file written by train.py "
+                        "(expected a dict with a 'config' dict and a 'state_dict' dict)")
+    saved_config, tensors = saved["config"], saved["state_dict"]
     for field in ADAPTER_FIELDS:
         if saved_config.get(field) != config[field]:
             raise UserError(f"{path}: adapter {field} is {saved_config.get(field)!r}, "
                             f"but this run has {field} {config[field]!r}")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k.rsplit(".", 1)[-1].startswith("lora_")]
-    if missing or unexpected:
-        raise UserError(f"{path}: adapter tensors do not fit the model "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+    for key, value in tensors.items():
+        if key not in expected:
+            raise UserError(f"{path}: unexpected tensor {key!r}: this configuration has no such adapter tensor")
+        if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UserError(f"{path}: tensor {key!r} has shape {shape}, expected {tuple(expected[key].shape)}")
+        if not torch.isfinite(value).all():
+            raise UserError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        raise UserError(f"{path}: adapter tensor {missing[0]!r} is missing ({len(missing)} of {len(expected)})")
+    model.load_state_dict(tensors, strict=False)
 
 
 def merge_all(layers):
@@ -157,6 +206,118 @@ def merged_state_dict(model):
     plain = {key.replace(".base.", "."): value for key, value in model.state_dict().items()
              if not key.rsplit(".", 1)[-1].startswith("lora_")}
     return clip_model.fuse_attention(plain)
+
+
+# ----------------------------------------------------------------------------------- saving
+
+def save_files(files, log=None, before_commit=None):
+    """Write a set of files all or nothing, then append one line to a log.
+
+    Each (path, write) is written by write(binary file) under a temporary name beside `path`, flushed, fsynced
+    and closed. Then, holding a lock on the log (log = (path, line); concurrent runs take turns), before_commit()
+    may refuse, every file is renamed into place and the line is appended whole. On any failure, Ctrl-C
+    included, the files that were there before are put back and no temporary file or new folder stays; an
+    OSError (disk full, permission, missing folder) becomes a one-line UserError naming the path.
+    """
+    if not files and not log:
+        return
+    staged, replaced, created = [], [], []  # (tmp, path); (path, backup or None); new folders
+    current = files[0][0] if files else log[0]
+    try:
+        for path, write in files:
+            current = path
+            created += make_folders(os.path.dirname(os.path.abspath(path)))
+            tmp = f"{path}.tmp{os.getpid()}"
+            staged.append((tmp, path))
+            with open(tmp, "xb") as f:  # leaving the block closes it: an error at close is raised too
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        current = log[0] if log else current
+        with locked_append(log) as append:
+            if before_commit:
+                before_commit()
+            for tmp, path in staged:
+                current = path
+                backup = f"{path}.old{os.getpid()}" if os.path.lexists(path) else None
+                if backup:
+                    os.replace(path, backup)
+                replaced.append((path, backup))
+                os.replace(tmp, path)
+            current = log[0] if log else current
+            append()
+    except BaseException as error:
+        for path, backup in reversed(replaced):  # put back what was there
+            if backup:
+                os.replace(backup, path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        for tmp, _ in staged:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        for folder in created:  # deepest first; only the ones this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if isinstance(error, OSError):
+            raise UserError(f"{error.filename or current}: cannot write ({error.strerror or error}); "
+                            "nothing was saved, earlier results are unchanged") from None
+        raise
+    for path, backup in replaced:
+        if backup:
+            os.remove(backup)
+    for folder in {os.path.dirname(os.path.abspath(path)) for _, path in staged}:
+        sync_folder(folder)  # make the renames themselves durable
+
+
+def make_folders(folder):
+    """Create `folder` and its missing parents; returns the ones created, deepest first."""
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created = []
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another run may create it at the same moment
+            os.mkdir(path)
+            created.insert(0, path)
+    return created
+
+
+@contextlib.contextmanager
+def locked_append(log):
+    """Hold an exclusive lock on the log file (where fcntl exists); yields append(), which writes the line
+    whole and fsyncs it, or cuts the file back to its size if that fails."""
+    if not log:
+        yield lambda: None
+        return
+    path, line = log
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+
+        def append():
+            size = os.fstat(fd).st_size
+            try:
+                remaining = line.encode()
+                while remaining:
+                    remaining = remaining[os.write(fd, remaining):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+        yield append
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def sync_folder(folder):
+    with contextlib.suppress(OSError):  # not every system can fsync a folder; the data itself is synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -215,7 +376,7 @@ def train(model, dataset, args, device, resolution):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=1e-6)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
-                              shuffle=True, workers=args.workers)
+                              shuffle=True, workers=args.workers, seed=args.seed)
     tokens = class_prompts(dataset.classnames, dataset.template[0]).to(device)
     if args.encoder == "vision":  # the text tower is frozen: its features never change
         with torch.no_grad():
@@ -262,56 +423,185 @@ def run_dir(args):
     return os.path.join(args.save_path, args.dataset, args.method, f"{args.shots}shots", f"seed{args.seed}")
 
 
+RUN_FIELDS = ("dataset", "shots", "method", "backbone", "r", "alpha", "dropout_rate", "encoder", "params", "position",
+              "blocks", "comp_ratio", "lr", "n_iters", "batch_size", "subsample", "precision")
+
+
+def run_config(args, device):
+    """Every setting that changes a run's result (not the seed, paths, device, workers or printing): what
+    --summarize groups by, and what a run folder may only be replaced with (unless --overwrite)."""
+    config = {field: getattr(args, field, None) for field in RUN_FIELDS}
+    config.update(backbone=backbone_name(args.backbone), params=list(args.params),
+                  blocks=args.blocks if args.method == "block" else None,
+                  comp_ratio=args.comp_ratio if args.method == "comp" else None,
+                  precision="fp16" if device.type == "cuda" else "fp32")
+    return config
+
+
+def _finite(value, flag, low=None, high=None, low_open=False, nonzero=False):
+    bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+           or (high is not None and value >= high) or (nonzero and value == 0))
+    if bad:
+        expected = {(0, None, True): "a positive number", (0, 1, False): "a number in [0, 1)"}.get(
+            (low, high, low_open), "a finite number other than 0")
+        raise UserError(f"--{flag} {value}: expected {expected}")
+
+
+def check_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
+    return device
+
+
 def check_args(args):
+    """Every flag and cheap precondition, before any download, data pass or folder creation; returns the device."""
     if args.method not in METHODS:
         raise UserError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    if args.dataset not in data.DATASETS and args.dataset != "synthetic":
-        raise UserError(f"--dataset {args.dataset!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
+    for flag, names in (("dataset", [args.dataset]), ("eval_datasets", list(filter(None, args.eval_datasets.split(","))))):
+        for name in names:
+            if name not in data.DATASETS and name != "synthetic":
+                raise UserError(f"--{flag} {name!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
+    if data.DATASETS.get(args.dataset) and data.DATASETS[args.dataset].eval_only:
+        raise UserError(f"--dataset {args.dataset}: an evaluation-only dataset (no train split); "
+                        "use it in --eval_datasets")
     for flag in ("shots", "n_iters", "batch_size", "r", "blocks", "print_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected a positive integer")
-    if not 0 <= args.dropout_rate < 1:
-        raise UserError(f"--dropout_rate {args.dropout_rate}: expected a number in [0, 1)")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
+    _finite(args.lr, "lr", 0, low_open=True)
+    _finite(args.alpha, "alpha", nonzero=True)
+    _finite(args.dropout_rate, "dropout_rate", 0, 1)
+    _finite(args.comp_ratio, "comp_ratio", 0, 1)
+    unknown = [p for p in args.params if p not in clip_model.PROJECTIONS]
+    if unknown or len(set(args.params)) != len(args.params):
+        what = f"unknown {unknown[0]!r}" if unknown else "a projection named twice"
+        raise UserError(f"--params {' '.join(args.params)}: {what}; expected distinct names among "
+                        f"{' '.join(clip_model.PROJECTIONS)}")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
+    if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
+        raise UserError(f"--backbone {args.backbone!r}: expected one of {clip_model.available_models()} "
+                        "or the path of a weights file")
+    if args.adapter and not os.path.isfile(args.adapter):
+        raise UserError(f"--adapter {args.adapter}: no such file")
+    if args.export_merged:
+        check_new_file(args.export_merged, "--export_merged")
+    return check_device(args.device)
+
+
+def check_new_file(path, flag):
+    """`path` can be written: its folder exists and takes a file, and it is not itself a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; expected a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    probe_writable(folder, flag)
+
+
+def probe_writable(folder, what):
     try:
-        return torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"{what} {folder}: cannot write ({error.strerror})") from None
+
+
+def check_output_folder(directory):
+    """The run folder can be created later: its nearest existing ancestor is a folder we can write in."""
+    ancestor = os.path.abspath(directory)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"output directory {directory}: cannot write ({ancestor} is a file)")
+    probe_writable(ancestor, f"output directory {directory}:")
+
+
+def check_run_identity(out, config, overwrite):
+    """Refuse to replace a saved run of another configuration (unless --overwrite); same config: replace."""
+    path = os.path.join(out, "results.json")
+    if overwrite or not os.path.lexists(path) and not os.path.lexists(os.path.join(out, "adapter.pt")):
+        return
+    hint = "choose another --save_path, or pass --overwrite to replace it"
+    try:
+        with open(path) as f:
+            saved = json.load(f)["config"]
+        differing = next((field for field in RUN_FIELDS if saved.get(field) != config[field]), None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{out} holds a run whose results.json is missing, unreadable or from an older "
+                        f"version; {hint}") from None
+    if differing:
+        raise UserError(f"{out} holds a run with {differing} {saved.get(differing)!r}, this run has {differing} "
+                        f"{config[differing]!r}; {hint}")
 
 
 def load_dataset(name, args, subsample="all"):
-    if name == "synthetic":  # the offline demo: a tiny dataset in EuroSAT's real layout
+    if name == "synthetic":  # the offline demo: a tiny dataset in EuroSAT's real layout, in a folder of its own
         root = data.write_synthetic(args.root or os.path.join(args.save_path, "synthetic_data"))
         return data.build_dataset("eurosat", root, args.shots, args.seed, subsample)
     return data.build_dataset(name, args.root, args.shots, args.seed, subsample)
 
 
-def ensure_writable(directory):
+def adapter_to_evaluate(args):
+    """The adapter file --eval_only/--adapter reads: --adapter, else ours in the run folder."""
+    if args.adapter:
+        return args.adapter
+    path = os.path.join(run_dir(args), "adapter.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no adapter file (train first, or check --save_path)")
+    return path
+
+
+def check_fits(model, config):
+    """Flags that depend on the model's widths, checked right after loading it and before any data pass."""
+    def check(linear, name):
+        if config["method"] == "block" and linear.in_features % config["blocks"]:
+            raise UserError(f"--blocks {config['blocks']}: {name} has {linear.in_features} inputs, not divisible "
+                            f"by {config['blocks']} (Block-LoRA splits the input into equal chunks)")
+        return linear  # unchanged: this pass only checks
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"output directory {directory}: cannot write ({error.strerror})") from None
+        clip_model.adapt_attention(model, check, config["encoder"], config["position"], config["params"])
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def run(args):
-    """Train (or with --eval_only, re-evaluate) one configuration; returns the results dict."""
+    """Train (or with --eval_only/--adapter, re-evaluate) one configuration; returns the results dict."""
     device = check_args(args)
-    out = run_dir(args)
-    adapter_path = os.path.join(out, "adapter.pt")
-    if args.eval_only and not os.path.isfile(adapter_path):
-        raise UserError(f"{adapter_path}: no adapter file (train first, or check --save_path)")
-    if not args.eval_only:
-        ensure_writable(out)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # CLIP-LoRA's set_random_seed (run_utils.py), before anything draws
-    model, preprocess = clip_model.load(args.backbone, device=device)
-    resolution = model.visual.input_resolution
-    dataset = load_dataset(args.dataset, args, args.subsample)
+    evaluate_only = args.eval_only or bool(args.adapter)
     config = adapter_config(args)
+    identity = run_config(args, device)
+    out = run_dir(args)
+    adapter_path = adapter_to_evaluate(args) if evaluate_only else None
+    if not evaluate_only:
+        check_output_folder(out)
+        check_run_identity(out, identity, args.overwrite)
+    # What a seed fixes: the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset),
+    # and our own training randomness: lora_A's initialisation and the dropout masks (torch's global stream,
+    # seeded here; nothing else draws from it), shuffling and crops (generators seeded per pass and sample,
+    # data.make_loader). It does not replay the official code's streams for those (CLIP-LoRA run_utils.py).
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dataset = load_dataset(args.dataset, args, args.subsample)  # reads split files and lists images: cheap
+    others = {name: load_dataset(name, args) for name in filter(None, args.eval_datasets.split(","))}
+    novel = load_dataset(args.dataset, args, "new") if args.subsample == "base" else None
+    model, preprocess = clip_model.load(args.backbone, device=device)
+    check_fits(model, config)
+    resolution = model.visual.input_resolution
     print(f"{args.dataset}: {len(dataset.classnames)} classes, {len(dataset.train)} training images "
           f"({args.shots} shots), {len(dataset.test)} test images; device {device}")
 
@@ -319,22 +609,22 @@ def run(args):
     test_cache = image_features(model, test_loader(dataset, preprocess, args), device)
     zero_shot = zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=test_cache)
     print(f"zero-shot accuracy of the plain model: {zero_shot:.2f}")
-    others = {name: load_dataset(name, args) for name in filter(None, args.eval_datasets.split(","))}
     plain_others = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
                     for name, ds in others.items()}
 
     layers = add_adapters(model, config)
     print(parameter_line(model))
     seconds = 0.0
-    if args.eval_only:
+    if evaluate_only:
         load_adapters(adapter_path, model, config)
+        print(f"evaluating {adapter_path}")
     else:
         seconds = train(model, dataset, args, device, resolution)
     cached = test_cache if args.encoder == "text" else None  # the image tower is unchanged when only text adapts
     final = zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=cached)
     print(f"test accuracy: {final:.2f}")
 
-    results = {"args": vars(args), "zero_shot_accuracy": zero_shot, "accuracy": final,
+    results = {"config": identity, "args": vars(args), "zero_shot_accuracy": zero_shot, "accuracy": final,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "train_seconds": seconds, "torch": torch.__version__, "device": device_name(device)}
     if others:
@@ -346,24 +636,25 @@ def run(args):
         for name, row in results["retention"].items():
             kept = "n/a" if row["retention"] is None else f"{row['retention']:.3f}"
             print(f"{name}: zero-shot plain {row['plain']:.2f}  adapted {row['adapted']:.2f}  retention {kept}")
-    if args.subsample == "base":
-        novel = load_dataset(args.dataset, args, "new")
+    if novel:
         new = zero_shot_accuracy(model, novel, template, preprocess, args, device)
         results.update(base_accuracy=final, new_accuracy=new,
                        harmonic_mean=2 * final * new / (final + new) if final + new else 0.0)
         print(f"base {final:.2f}  new {new:.2f}  harmonic mean {results['harmonic_mean']:.2f}")
-    if args.eval_only:
-        return results
 
-    save_adapters(adapter_path, model, config)
+    files = []
     if args.export_merged:
         merge_all(layers)
-        atomic_write(args.export_merged, lambda tmp: torch.save(merged_state_dict(model), tmp))
-    atomic_write(os.path.join(out, "results.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(results, indent=2)))
-    with open(os.path.join(args.save_path, "results.jsonl"), "a") as f:
-        f.write(json.dumps(results) + "\n")
-    print(f"saved {adapter_path} and results.json")
+        merged = merged_state_dict(model)
+        files.append((args.export_merged, lambda f: torch.save(merged, f)))
+    if evaluate_only:
+        save_files(files)
+        return results
+    files += [(os.path.join(out, "adapter.pt"), lambda f: write_adapters(f, model, config)),  # merging leaves lora_ as is
+              (os.path.join(out, "results.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))]
+    save_files(files, log=(os.path.join(args.save_path, "results.jsonl"), json.dumps(results) + "\n"),
+               before_commit=lambda: check_run_identity(out, identity, args.overwrite))
+    print(f"saved {os.path.join(out, 'adapter.pt')} and results.json")
     return results
 
 
@@ -406,6 +697,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: no result files were written for this run", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:  # a fault no check foresaw (disk, permissions): still one line, with the path
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
