@@ -166,6 +166,15 @@ def _required_file(directory, filename, name):
     return path
 
 
+def _text_lines(path):
+    """The lines of a UTF-8 text file; an unreadable or undecodable file is a DataError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path} as UTF-8 text ({type(error).__name__}: {error})") from None
+
+
 def _read_split_json(root, name, spec):
     """CoOp's split_zhou_*.json: {"train"|"val"|"test": [[path relative to the image folder, label, name]]}."""
     directory = _dataset_dir(root, name, spec)
@@ -198,21 +207,19 @@ def _read_fgvc(root, name, spec):
     images_variant_<split>.txt has lines "<image id> <variant name>" for images/<image id>.jpg."""
     directory = _dataset_dir(root, name, spec)
     images = _images_dir(directory, name, spec)
-    with open(_required_file(directory, spec.split, name)) as f:
-        classnames = [line.strip() for line in f if line.strip()]
+    classnames = [line.strip() for line in _text_lines(_required_file(directory, spec.split, name)) if line.strip()]
     label_of = {cname: label for label, cname in enumerate(classnames)}
     parts = []
     for part in ("train", "val", "test"):
         path = _required_file(directory, f"images_variant_{part}.txt", name)
         items = []
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                image_id, _, variant = line.strip().partition(" ")
-                if variant not in label_of:
-                    raise DataError(f"{path} line {number}: variant {variant!r} is not in {spec.split}")
-                items.append((os.path.join(images, image_id + ".jpg"), label_of[variant]))
+        for number, line in enumerate(_text_lines(path), 1):
+            if not line.strip():
+                continue
+            image_id, _, variant = line.strip().partition(" ")
+            if variant not in label_of:
+                raise DataError(f"{path} line {number}: variant {variant!r} is not in {spec.split}")
+            items.append((os.path.join(images, image_id + ".jpg"), label_of[variant]))
         parts.append(items)
     _check_every_class_has_images(parts[0], classnames, f"{directory}/images_variant_train.txt")
     return (classnames, *parts)
@@ -239,11 +246,10 @@ def _list_images(directory, label_of):
 def _read_wnid_names(directory, name, spec):
     """CoOp's classnames.txt: lines "<wnid> <class name>" (CoOp datasets/imagenet.py read_classnames)."""
     names = {}
-    with open(_required_file(directory, spec.split, name)) as f:
-        for line in f:
-            wnid, _, cname = line.strip().partition(" ")
-            if wnid:
-                names[wnid] = cname
+    for line in _text_lines(_required_file(directory, spec.split, name)):
+        wnid, _, cname = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = cname
     return names
 
 

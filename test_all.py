@@ -207,11 +207,25 @@ class TestCLIPModel(unittest.TestCase):
             self.assertLessEqual(max_rel_err(ours, theirs), 1e-5)
 
     def test_preprocess(self):
+        """openai/CLIP's test transform on non-square noise, against PIL and arithmetic done here: shorter side
+        to 32 (bicubic), the longer int(32 * long / short), centre crop at round((size - 32) / 2), / 255, CLIP's
+        mean and std."""
         _, preprocess = clip_model.load("tiny")
-        x = preprocess(Image.new("L", (50, 40), color=128))
-        self.assertEqual(tuple(x.shape), (3, 32, 32))
-        expected = (128 / 255 - torch.tensor(clip_model.MEAN)) / torch.tensor(clip_model.STD)
-        self.assertTrue(torch.allclose(x[:, 16, 16], expected, atol=1e-5))
+        noise = torch.Generator().manual_seed(0)
+        for width, height, resized in ((50, 37, (43, 32)), (37, 50, (32, 43))):
+            pixels = bytes(torch.randint(0, 256, (width * height * 3,), generator=noise, dtype=torch.uint8).tolist())
+            image = Image.frombytes("RGB", (width, height), pixels)
+            small = image.resize(resized, Image.BICUBIC)
+            left, top = round((resized[0] - 32) / 2), round((resized[1] - 32) / 2)
+            crop = small.crop((left, top, left + 32, top + 32))
+            x = torch.tensor(list(crop.tobytes()), dtype=torch.float32).view(32, 32, 3).permute(2, 0, 1) / 255
+            expected = (x - torch.tensor(clip_model.MEAN)[:, None, None]) / torch.tensor(clip_model.STD)[:, None, None]
+            got = preprocess(image)
+            self.assertEqual(tuple(got.shape), (3, 32, 32))
+            self.assertLessEqual((got - expected).abs().max().item(), 1e-5)
+        grey = preprocess(Image.new("L", (40, 50), color=128))  # grey images become RGB
+        self.assertTrue(torch.allclose(grey[:, 0, 0], (128 / 255 - torch.tensor(clip_model.MEAN)) / torch.tensor(clip_model.STD),
+                                       atol=1e-5))
 
 
 class TestFullSizeReference(unittest.TestCase):

@@ -132,7 +132,7 @@ def add_adapters(model, config):
     except ValueError as error:
         raise UserError(str(error)) from None
     for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1].startswith("lora_"))
+        param.requires_grad_(is_adapter_key(name))
     return [layer for _, layer in layers]
 
 
@@ -204,7 +204,7 @@ def merge_all(layers):
 def merged_state_dict(model):
     """A plain CLIP state dict (OpenAI layout) of a model whose adapters are all merged."""
     plain = {key.replace(".base.", "."): value for key, value in model.state_dict().items()
-             if not key.rsplit(".", 1)[-1].startswith("lora_")}
+             if not is_adapter_key(key)}
     return clip_model.fuse_attention(plain)
 
 
@@ -329,7 +329,17 @@ def autocast(device):
 
 def class_prompts(classnames, template):
     """CLIP-LoRA's prompts: the template filled with each class name, underscores as spaces (lora.py)."""
-    return clip_model.tokenize([template.format(name.replace("_", " ")) for name in classnames])
+    prompts = [template.format(name.replace("_", " ")) for name in classnames]
+    try:
+        return clip_model.tokenize(prompts)
+    except ValueError:  # tokenize refuses texts over the context length rather than cutting them
+        for prompt in prompts:
+            with contextlib.suppress(ValueError):
+                clip_model.tokenize(prompt)
+                continue
+            raise UserError(f"class prompt {prompt[:60]!r}... has more than CLIP's 77 tokens; shorten that class "
+                            "name") from None
+        raise
 
 
 def text_features(model, tokens, device):
@@ -438,12 +448,8 @@ def run_config(args, device):
     return config
 
 
-def _finite(value, flag, low=None, high=None, low_open=False, nonzero=False):
-    bad = (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
-           or (high is not None and value >= high) or (nonzero and value == 0))
-    if bad:
-        expected = {(0, None, True): "a positive number", (0, 1, False): "a number in [0, 1)"}.get(
-            (low, high, low_open), "a finite number other than 0")
+def check_number(value, flag, valid, expected):
+    if not (math.isfinite(value) and valid(value)):
         raise UserError(f"--{flag} {value}: expected {expected}")
 
 
@@ -481,10 +487,10 @@ def check_args(args):
             raise UserError(f"--{flag} {getattr(args, flag)}: expected a positive integer")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
-    _finite(args.lr, "lr", 0, low_open=True)
-    _finite(args.alpha, "alpha", nonzero=True)
-    _finite(args.dropout_rate, "dropout_rate", 0, 1)
-    _finite(args.comp_ratio, "comp_ratio", 0, 1)
+    check_number(args.lr, "lr", lambda lr: lr > 0, "a positive number")
+    check_number(args.alpha, "alpha", lambda alpha: alpha != 0, "a finite number other than 0")
+    for flag in ("dropout_rate", "comp_ratio"):
+        check_number(getattr(args, flag), flag, lambda share: 0 <= share < 1, "a number in [0, 1)")
     unknown = [p for p in args.params if p not in clip_model.PROJECTIONS]
     if unknown or len(set(args.params)) != len(args.params):
         what = f"unknown {unknown[0]!r}" if unknown else "a projection named twice"
