@@ -383,7 +383,8 @@ def build_dataset(name, root, shots, seed, subsample="all"):
         raise DataError(f"subsample {subsample!r} for --dataset {name}: expected {allowed}")
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
-        raise DataError(f"data root {root} does not exist (--root; {README_HINT})")
+        state = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"data root {root} {state} (--root; {README_HINT})")
 
     random.seed(seed)  # where CLIP-LoRA's main.py seeds: before the dataset is built
     classnames, train, val, test = _READERS[spec.reader](root, name, spec)
@@ -395,6 +396,10 @@ def build_dataset(name, root, shots, seed, subsample="all"):
         train = draw_fewshot(train, shots, classnames, "train")
     if not test:
         raise DataError(f"--dataset {name} under {root}: the test split holds no images")
+    # a split file may list images that are not there: say so now, not after minutes of encoding
+    missing = next((path for path, _ in (*train, *val, *test) if not os.path.isfile(path)), None)
+    if missing:
+        raise DataError(f"image {missing} is listed for --dataset {name} but does not exist ({README_HINT})")
     # CoCoOp subsamples after the few-shot draw (CoOp datasets/*.py), so the draw does not depend on it
     classnames, (train, val, test) = subsample_classes(classnames, (train, val, test), subsample)
     return FewShotData(name, classnames, ["a photo of a {}."], spec.zeroshot_template, train, val, test)

@@ -564,7 +564,7 @@ class TestData(unittest.TestCase):
         cls.tmp = cls._tmp.name
         cls.synthetic = data.write_synthetic(os.path.join(cls.tmp, "synthetic"), n_classes=5)
         # A split whose labels first appear out of order (2, 0, 1) and whose classes differ in size; the
-        # draw reads no image, so the listed files need not exist.
+        # draw reads no image, so the listed files are empty.
         cls.split_root = os.path.join(cls.tmp, "splitroot")
         sizes = {2: 9, 0: 12, 1: 7}
         cls.split = {part: [[f"{label}/{part}_{i}.jpg", label, ["AnnualCrop", "Forest", "SeaLake"][label]]
@@ -574,6 +574,8 @@ class TestData(unittest.TestCase):
         with open(os.path.join(cls.split_root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
             json.dump(cls.split, f)
         cls.image_dir = os.path.join(cls.split_root, "eurosat", "2750")
+        for relative, _, _ in (item for part in cls.split.values() for item in part):
+            touch(os.path.join(cls.image_dir, relative))
 
     @classmethod
     def tearDownClass(cls):
@@ -679,6 +681,8 @@ class TestData(unittest.TestCase):
             with open(os.path.join(fgvc, f"images_variant_{part}.txt"), "w") as f:
                 f.writelines(f"{image_id} {name}\n" for image_id, name in lines)
             split[part] = [[image_id + ".jpg", variants.index(name), name] for image_id, name in lines]
+            for image_id, _ in lines:
+                touch(os.path.join(fgvc, "images", image_id + ".jpg"))
         built = data.build_dataset("fgvc", root, 3, 2)
         self.assertEqual(built.classnames, variants)
         self.assertEqual(built.zeroshot_template, "a photo of a {}, a type of aircraft.")
@@ -773,6 +777,14 @@ class TestData(unittest.TestCase):
             self.assertDataError(f"cannot read image {bad}", data.ImageList(items, data.train_transform(32)).__getitem__, 0)
             loader = data.make_loader(items, data.train_transform(32), batch_size=1, shuffle=False, workers=1)
             self.assertDataError(f"cannot read image {bad}", list, loader)  # re-raised from a worker, still one line
+
+    def test_listed_images_must_exist(self):
+        root = os.path.join(self.tmp, "gone")
+        shutil.copytree(os.path.join(self.synthetic, "eurosat"), os.path.join(root, "eurosat"))
+        victim = os.path.join(root, "eurosat", "2750", "Forest", "Forest_20.jpg")  # Forest's last test image
+        os.remove(victim)
+        self.assertDataError(f"image {victim} is listed for --dataset eurosat but does not exist",
+                             data.build_dataset, "eurosat", root, 2, 0)
 
     def test_split_labels_must_be_non_negative_integers(self):
         root = os.path.join(self.tmp, "badlabels")

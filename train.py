@@ -496,6 +496,8 @@ def check_args(args):
         what = f"unknown {unknown[0]!r}" if unknown else "a projection named twice"
         raise UserError(f"--params {' '.join(args.params)}: {what}; expected distinct names among "
                         f"{' '.join(clip_model.PROJECTIONS)}")
+    if not args.save_path:
+        raise UserError("--save_path '': expected a folder name")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
     if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
