@@ -988,7 +988,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         bad = {"corrupt": ("{not json", "not valid JSON"), "truncated": (text[:len(text) // 2], "not valid JSON"),
                "empty": ("", "empty file"), "list": ("[1, 2]", "holds a JSON list"),
                "noconfig": (json.dumps({"args": {"seed": 1}, "accuracy": 50.0}), "lacks 'config'"),
-               "noseed": (text.replace('"seed": 1', '"other": 1'), "lacks args['seed']"),
+               "noseed": (text.replace('"seed": 1', '"other": 1'), "args['seed'] is missing"),
                "nofield": (text.replace('"precision"', '"other"'), "config lacks 'precision'"),
                "nan": (text.replace('"accuracy": ', '"accuracy": NaN, "x": '), "'accuracy' is nan")}
         paths = {}

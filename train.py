@@ -540,11 +540,12 @@ def read_result(path):
     for field in RESULT_CONFIG_FIELDS:
         if field not in config:
             raise ValueError(f"config lacks {field!r}")
-    if not isinstance(config["dataset"], str) or not is_int(config["shots"]) or config["shots"] < 1:
+    if (not isinstance(config["dataset"], str) or not config["dataset"] or not is_int(config["shots"])
+            or config["shots"] < 1):
         raise ValueError(f"config has dataset {config['dataset']!r} and shots {config['shots']!r}, expected "
                          "a name and a positive integer")
     if not isinstance(args, dict) or not is_int(args.get("seed")):
-        raise ValueError("lacks args['seed'], an integer")
+        raise ValueError("args['seed'] is missing or not an integer")
     if not is_number(accuracy):
         raise ValueError(f"'accuracy' is {accuracy!r}, expected a number")
     return config, args["seed"], float(accuracy)
