@@ -323,10 +323,17 @@ def preprocess(resolution):
 # --------------------------------------------------------------------------- choosing what to adapt
 
 def _position_blocks(position, depth):
-    """Block indices of CLIP-LoRA's position names (loralib/utils.py), as fractions of the depth.
+    """Block indices of CLIP-LoRA's position names, as fractions of the depth (our rule).
 
-    For depth 12 these are CLIP-LoRA's tables exactly; for other depths we scale them (our choice:
-    CLIP-LoRA fixes bottom/mid/up to blocks 0-11 even for ViT-L/14's 24 blocks).
+    The official tables (MaxZanella/CLIP-LoRA loralib/utils.py, INDEX_POSITIONS_TEXT and _VISION, commit
+    358f0d7), all of which this rule gives exactly:
+      - 12 blocks (the text tower of every model; the vision tower of ViT-B/16 and ViT-B/32): bottom 0-3,
+        mid 4-7, up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11, all 0-11;
+      - ViT-L/14's 24 vision blocks: half-bottom 0-11, half-up 12-23, all 0-23 (its commit e6bf706; before,
+        this entry held the 12-block lists, with all = 0-20).
+    Where ours extends them (the official apply_lora stops with a KeyError there): top3 on the ViT-B/32
+    vision tower; bottom 0-7, mid 8-15, up 16-23, top3 21-23 on ViT-L/14's; every position on the vision
+    tower of ViT-L/14@336px, which has no official table.
     """
     ranges = {"all": (0, depth), "bottom": (0, depth // 3), "mid": (depth // 3, 2 * depth // 3),
               "up": (2 * depth // 3, depth), "half-up": (depth // 2, depth), "half-bottom": (0, depth // 2),

@@ -882,15 +882,33 @@ class TestTrain(unittest.TestCase):
         first, second, other = (t["state_dict"] for t in tensors)
         self.assertTrue(all(torch.equal(first[k], second[k]) for k in first))
         self.assertFalse(all(torch.equal(first[k], other[k]) for k in first))
-        table = train.summarize(os.path.join(self.tmp.name, "b"))
-        row = [line.split() for line in table.splitlines() if line.startswith("eurosat")]
-        accuracies = []
         with open(os.path.join(self.tmp.name, "b", "results.jsonl")) as f:
-            accuracies = [json.loads(line)["accuracy"] for line in f]
-        self.assertEqual(len(accuracies), 2)
-        mean = sum(accuracies) / 2
-        std = abs(accuracies[0] - accuracies[1]) / math.sqrt(2)
-        self.assertEqual(row, [["eurosat", "lora", "4", "2", f"{mean:.2f}", f"{std:.2f}"]])
+            mean, std = mean_std([json.loads(line)["accuracy"] for line in f])
+        table, err = summarized(os.path.join(self.tmp.name, "b"))
+        self.assertEqual(err, [])
+        self.assertRegex(table, rf"\nEuroSAT +{mean:.2f} ± {std:.2f} \(2\)\n")
+
+    def test_clip_lora_files_evaluate_like_ours(self):
+        args = self.args("--n_iters", "1", out="ours")
+        results, _ = quiet(train.run, args)
+        metadata = {"r": 2, "alpha": 1, "encoder": "both", "params": ["q", "k", "v"], "position": "all"}
+        theirs = os.path.join(self.tmp.name, "theirs")
+        path = train.clip_lora_path(theirs, "tiny", "eurosat", 4, 1)
+        self.assertEqual(path, os.path.join(theirs, "tiny", "eurosat", "4shots", "seed1", "lora_weights.pt"))
+        self.assertEqual(train.clip_lora_path("s", "ViT-B/16", "dtd", 16, 2, "f"), "s/vitb16/dtd/16shots/seed2/f.pt")
+        os.makedirs(os.path.dirname(path))
+        torch.save(clip_lora_layout(self.saved_model(args), metadata), path)
+        again, printed = quiet(train.run, self.args("--n_iters", "1", "--eval_only", out="theirs"))
+        self.assertIn(f"evaluating CLIP-LoRA's adapter file {path}", printed)
+        self.assertEqual(again["accuracy"], results["accuracy"])
+        direct, _ = quiet(train.run, self.args("--n_iters", "1", "--adapter", path, out="nowhere"))
+        self.assertEqual(direct["accuracy"], results["accuracy"])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "nowhere")))
+        for flags, field in ((["--r", "4"], "r is 2"), (["--alpha", "2"], "alpha is 1.0"), (["--encoder", "text"], "encoder"),
+                             (["--position", "top3"], "position"), (["--params", "q", "v"], "params")):
+            with self.assertRaisesRegex(train.UserError, rf"^{re.escape(path)}: adapter {field}.*, but this run has"):
+                quiet(train.run, self.args("--n_iters", "1", "--adapter", path, *flags, out="nowhere"))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "nowhere")))
 
     def test_merged_export_loads_as_plain_clip(self):
         export = os.path.join(self.tmp.name, "merged.pt")
@@ -1281,6 +1299,319 @@ class TestCommandLine(unittest.TestCase):
                     self.assertTrue(err.startswith("error: "), err)
                     self.assertIn(fragment, err)
         self.assertEqual(tree_state(self.tmp), before)
+
+
+# ------------------------------------------------------------ --summarize and CLIP-LoRA's adapter files
+
+SUMMARY_CONFIG = {"method": "lora", "backbone": "ViT-B/16", "r": 2, "alpha": 1.0, "dropout_rate": 0.25,
+                  "encoder": "both", "params": ["q", "k", "v"], "position": "all", "blocks": None, "comp_ratio": None,
+                  "lr": 2e-4, "n_iters": 500, "batch_size": 32, "subsample": "all", "precision": "fp16"}
+PAPER_NAMES = {"eurosat": "EuroSAT", "dtd": "DTD"}  # the names in CLIP-LoRA's tables
+
+
+def write_result(root, folder, seed, accuracy, **settings):
+    """A results.json of the schema train.run writes (what --summarize reads of it), in root/folder."""
+    path = os.path.join(root, folder, "results.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"args": {"seed": seed}, "accuracy": accuracy, "zero_shot_accuracy": 40.0,
+                   "config": dict(SUMMARY_CONFIG, **settings)}, f)
+    return path
+
+
+def mean_std(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarized(*args, **kwargs):
+    """(table, stderr lines) of train.summarize."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        table = train.summarize(*args, **kwargs)
+    return table, err.getvalue().splitlines()
+
+
+def has_matplotlib():
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def clip_lora_layout(model, metadata):
+    """CLIP-LoRA's save_lora layout rebuilt from a model's lora_ tensors, independently of train.py: one
+    layer_<i> per adapted attention, text tower before vision tower, blocks in order; out_proj is "proj"."""
+    layers = {}
+    for key, tensor in model.state_dict().items():
+        if ".lora_" in key:  # [visual.]transformer.resblocks.<block>.attn.<projection>.lora_A or lora_B
+            *tower, _, block, _, projection, kind = key.split(".")
+            name = "proj" if projection == "out_proj" else projection
+            place = (tower != ["transformer"], int(block))  # text (False) sorts first
+            layers.setdefault(place, {}).setdefault(name, {})["w_" + kind] = tensor.clone()
+    weights = {f"layer_{i}": layers[place] for i, place in enumerate(sorted(layers))}
+    return {"weights": weights, "metadata": dict(metadata)}
+
+
+class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.tmp = self._tmp.name
+        self.addCleanup(self._tmp.cleanup)
+        rng = random.Random(13)
+        self.accuracy = {}  # (r, dataset, shots) -> [accuracy per seed]
+        for r, seeds in ((4, (1, 2)), (2, (1, 2, 3))):
+            for dataset in ("dtd", "eurosat"):
+                for shots in (4, 1):
+                    for seed in seeds:
+                        accuracy = rng.uniform(40, 90)
+                        self.accuracy.setdefault((r, dataset, shots), []).append(accuracy)
+                        write_result(self.tmp, f"r{r}/{dataset}/{shots}shots/seed{seed}", seed, accuracy,
+                                     r=r, dataset=dataset, shots=shots)
+
+    def text_tables(self, table):
+        """{heading: {row name: [cells]}} of the text output (columns are two or more spaces apart)."""
+        import re
+        tables = {}
+        for block in table.split("\n\n"):
+            heading, header, *rows = block.splitlines()
+            self.assertEqual(re.split(r"\s{2,}", header.strip()), ["dataset", "1-shot", "4-shot"])
+            tables[heading] = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", row.strip()) for row in rows
+                                                                 if not row.startswith("*"))}
+        return tables
+
+    def expected_cell(self, r, dataset, shots):
+        values = self.accuracy[r, dataset, shots]
+        mean, std = mean_std(values)
+        return f"{mean:.2f} ± {std:.2f} ({len(values)})"
+
+    def expected_average(self, r, shots, datasets=("eurosat", "dtd")):
+        return sum(mean_std(self.accuracy[r, d, shots])[0] for d in datasets) / len(datasets)
+
+    def test_summary_groups_configurations_with_independent_statistics(self):
+        table, err = summarized(self.tmp)
+        self.assertEqual(err, [])
+        tables = self.text_tables(table)
+        self.assertEqual(list(tables), ["configuration 1/2: lora r=2", "configuration 2/2: lora r=4"])
+        for r, heading in ((2, "configuration 1/2: lora r=2"), (4, "configuration 2/2: lora r=4")):
+            rows = tables[heading]
+            self.assertEqual(list(rows), ["EuroSAT", "DTD", "Average"])  # CLIP-LoRA's order
+            for dataset in ("eurosat", "dtd"):
+                self.assertEqual(rows[PAPER_NAMES[dataset]], [self.expected_cell(r, dataset, s) for s in (1, 4)])
+            self.assertEqual(rows["Average"], [f"{self.expected_average(r, s):.2f}" for s in (1, 4)])
+        one, _ = summarized(os.path.join(self.tmp, "r4"))  # a lone configuration names its key settings
+        self.assertTrue(one.startswith("configuration 1/1: lora backbone=ViT-B/16 r=4 alpha=1.0 encoder=both "
+                                       "params=q,k,v position=all\n"), one)
+
+    def test_unreadable_results_are_named_and_skipped(self):
+        good = os.path.join(self.tmp, "r2", "dtd", "1shots", "seed1", "results.json")
+        with open(good) as f:
+            text = f.read()
+        bad = {"corrupt": ("{not json", "not valid JSON"), "truncated": (text[:len(text) // 2], "not valid JSON"),
+               "empty": ("", "empty file"), "list": ("[1, 2]", "holds a JSON list"),
+               "noconfig": (json.dumps({"args": {"seed": 1}, "accuracy": 50.0}), "lacks 'config'"),
+               "noseed": (text.replace('"seed": 1', '"other": 1'), "args['seed'] is missing"),
+               "nofield": (text.replace('"precision"', '"other"'), "config lacks 'precision'"),
+               "nan": (text.replace('"accuracy": ', '"accuracy": NaN, "x": '), "'accuracy' is nan")}
+        paths = {}
+        for name, (content, _) in bad.items():
+            paths[name] = os.path.join(self.tmp, "bad", name, "results.json")
+            os.makedirs(os.path.dirname(paths[name]))
+            with open(paths[name], "w") as f:
+                f.write(content)
+        table, err = summarized(self.tmp)
+        self.assertEqual(len(err), len(bad), err)
+        for name, (_, reason) in bad.items():
+            self.assertIn(1, [line.startswith(f"skipped {paths[name]}: ") and reason in line for line in err], name)
+        self.assertEqual(self.text_tables(table)["configuration 1/2: lora r=2"]["DTD"],
+                         [self.expected_cell(2, "dtd", s) for s in (1, 4)])
+
+    def test_nothing_readable_is_one_line_error(self):
+        empty = os.path.join(self.tmp, "empty")
+        os.makedirs(empty)
+        with self.assertRaisesRegex(train.UserError, rf"^{empty}: no results.json found$"):
+            train.summarize(empty)
+        broken = os.path.join(self.tmp, "broken")
+        write_result(broken, "a", 1, 50.0)
+        with open(os.path.join(broken, "a", "results.json"), "w") as f:
+            f.write('{"args": {"se')
+        result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--summarize", broken],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        lines = result.stderr.splitlines()
+        self.assertEqual(len(lines), 2, result.stderr)
+        self.assertTrue(lines[0].startswith(f"skipped {os.path.join(broken, 'a', 'results.json')}: not valid JSON"))
+        self.assertEqual(lines[1], f"error: {broken}: none of its 1 results.json files could be read "
+                                   "(each is named above)")
+        for argv in (["--format", "csv"], ["--plot", "x.png"]):
+            with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as exit_code:
+                train.main(argv)
+            self.assertEqual((exit_code.exception.code, err.getvalue()),
+                             (1, "error: --format and --plot only apply with --summarize DIR\n"))
+
+    def test_markdown_and_csv_parse_back(self):
+        import csv
+        markdown, _ = summarized(self.tmp, "markdown")
+        tables = {}
+        for line in markdown.splitlines():
+            if line.startswith("**"):
+                rows = tables.setdefault(line, [])
+            elif line.startswith("|"):
+                rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        self.assertEqual(list(tables), ["**configuration 1/2: lora r=2**", "**configuration 2/2: lora r=4**"])
+        for r, rows in zip((2, 4), tables.values()):
+            self.assertEqual(rows[:2], [["dataset", "1-shot", "4-shot"], [":---", "---:", "---:"]])
+            self.assertEqual(rows[2:], [["EuroSAT"] + [self.expected_cell(r, "eurosat", s) for s in (1, 4)],
+                                        ["DTD"] + [self.expected_cell(r, "dtd", s) for s in (1, 4)],
+                                        ["Average"] + [f"{self.expected_average(r, s):.2f}" for s in (1, 4)]])
+        text, _ = summarized(self.tmp, "csv")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        self.assertEqual(len(rows), 8)
+        for row in rows:
+            r, dataset, shots = int(row["r"]), row["dataset"], int(row["shots"])
+            mean, std = mean_std(self.accuracy[r, dataset, shots])
+            self.assertAlmostEqual(float(row["mean"]), mean, places=9)
+            self.assertAlmostEqual(float(row["std"]), std, places=9)
+            self.assertEqual(int(row["seeds"]), len(self.accuracy[r, dataset, shots]))
+            self.assertEqual(row["seed_list"], "1 2 3" if r == 2 else "1 2")
+            self.assertEqual(row["configuration"], "1" if r == 2 else "2")
+            self.assertEqual((row["params"], row["blocks"], row["lr"]), ("q,k,v", "", "0.0002"))
+
+    def test_average_marked_when_a_dataset_lacks_a_shot_count(self):
+        import shutil
+        shutil.rmtree(os.path.join(self.tmp, "r4", "dtd", "4shots"))
+        table, _ = summarized(self.tmp)
+        block = table.split("\n\n")[1]
+        rows = self.text_tables(table)["configuration 2/2: lora r=4"]
+        self.assertEqual(rows["DTD"], [self.expected_cell(4, "dtd", 1), "-"])
+        self.assertEqual(rows["Average"], [f"{self.expected_average(4, 1):.2f}",
+                                           f"{self.expected_average(4, 4, ('eurosat',)):.2f}*"])
+        self.assertIn("\n* 4-shot: average over 1 of 2 datasets, without DTD", block)
+        self.assertNotIn("*", table.split("\n\n")[0])  # the complete configuration is not marked
+        markdown, _ = summarized(self.tmp, "markdown")
+        self.assertIn(f"| Average | {self.expected_average(4, 1):.2f} | "
+                      f"{self.expected_average(4, 4, ('eurosat',)):.2f}\\* |", markdown)
+
+    def test_duplicate_run_counted_once(self):
+        import shutil
+        original = os.path.join(self.tmp, "r2", "dtd", "1shots", "seed1")
+        copy_ = os.path.join(self.tmp, "s_copy", "seed1")
+        shutil.copytree(original, copy_)
+        table, err = summarized(self.tmp)
+        self.assertEqual(err, [f"skipped {os.path.join(copy_, 'results.json')}: same configuration and seed 1 as "
+                               f"{os.path.join(original, 'results.json')}; counted once"])
+        self.assertEqual(self.text_tables(table)["configuration 1/2: lora r=2"]["DTD"][0],
+                         self.expected_cell(2, "dtd", 1))
+
+    @unittest.skipUnless(has_matplotlib(), "matplotlib is not installed (an optional extra)")
+    def test_plot_is_written_whole(self):
+        folder = os.path.join(self.tmp, "plots")
+        os.makedirs(folder)
+        path = os.path.join(folder, "few_shot.png")
+        table, _ = summarized(self.tmp, plot=path)
+        self.assertIn("configuration 2/2", table)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertEqual(os.listdir(folder), ["few_shot.png"])  # no temporary file left
+        for target, reason in ((os.path.join(self.tmp, "missing", "a.png"), "cannot write"),
+                               (folder + ".png", None), (os.path.join(folder, "a.pdf"), "ending in .png")):
+            if reason is None:  # a folder named like a PNG
+                os.makedirs(target)
+                reason = "cannot write"
+            with self.assertRaisesRegex(train.UserError, rf"^--plot {target}: .*{reason}") as raised:
+                summarized(self.tmp, plot=target)
+            self.assertNotIn("\n", str(raised.exception))
+        self.assertEqual(os.listdir(folder), ["few_shot.png"])
+
+    def test_plot_without_matplotlib_is_one_line_pip_error(self):
+        blocked = {name: None for name in list(sys.modules) if name.split(".")[0] == "matplotlib"}
+        path = os.path.join(self.tmp, "plot.png")
+        with mock.patch.dict(sys.modules, dict(blocked, matplotlib=None)):
+            with self.assertRaises(train.UserError) as raised:
+                summarized(self.tmp, plot=path)
+        self.assertIn("pip install matplotlib", str(raised.exception))
+        self.assertNotIn("\n", str(raised.exception))
+        self.assertFalse(os.path.exists(path))
+
+    def test_no_module_imports_matplotlib(self):
+        code = ("import sys, clip_model, data, train\n"
+                "print([name for name in sys.modules if name.split('.')[0] == 'matplotlib'])")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr)
+
+    # ------------------------------------------------------------------ CLIP-LoRA's adapter files
+
+    def test_positions_follow_the_official_vit_l_14_table(self):
+        # MaxZanella/CLIP-LoRA loralib/utils.py since e6bf706: ViT-L/14 vision defines only these three
+        official = {"half-bottom": range(0, 12), "half-up": range(12, 24), "all": range(0, 24)}
+        for position, blocks in official.items():
+            self.assertEqual(list(clip_model._position_blocks(position, 24)), list(blocks), position)
+
+    def test_clip_lora_path(self):
+        self.assertEqual(train.clip_lora_path("runs", "ViT-B/16", "dtd", 16, 1),
+                         os.path.join("runs", "vitb16", "dtd", "16shots", "seed1", "lora_weights.pt"))
+        self.assertEqual(train.clip_lora_path("/s", "ViT-L/14@336px", "fgvc", 4, 3, filename="w"),
+                         "/s/vitl14@336px/fgvc/4shots/seed3/w.pt")
+
+    def test_clip_lora_file_maps_back_to_our_tensors(self):
+        depths = {"text": 3, "vision": 3}
+        for encoder, position, projections in (("both", "all", ("q", "k", "v", "o")), ("both", "up", ("v", "q")),
+                                               ("vision", "half-bottom", ("o",)), ("text", "all", ("k",))):
+            model, layers = adapted("lora", projections, encoder=encoder, position=position)
+            randomize_b(layers)
+            metadata = {"r": 2, "alpha": 1, "encoder": encoder, "params": list(projections), "position": position}
+            with tempfile.NamedTemporaryFile(suffix=".pt") as f:  # the file loads with weights_only=True
+                torch.save(clip_lora_layout(model, metadata), f.name)
+                saved = torch.load(f.name, map_location="cpu", weights_only=True)
+            self.assertTrue(train.is_clip_lora(saved))
+            config, tensors = train.from_clip_lora(saved, "their.pt", depths)
+            self.assertEqual(config, {"method": "lora", "r": 2, "alpha": 1.0, "scaling_rule": "alpha/sqrt(r)",
+                                      "blocks": None, "comp_ratio": None, "encoder": encoder, "position": position,
+                                      "params": list(projections)})
+            ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+            self.assertEqual(sorted(tensors), sorted(ours))
+            for key, tensor in ours.items():
+                self.assertTrue(torch.equal(tensors[key], tensor), key)
+            fresh, _ = adapted("lora", projections, encoder=encoder, position=position, seed=5)
+            missing, unexpected = fresh.load_state_dict(tensors, strict=False)
+            self.assertEqual(unexpected, [])
+            self.assertTrue(torch.equal(features(fresh.eval(), torch.ones(1, 3, 32, 32), clip_model.tokenize("x")),
+                                        features(model.eval(), torch.ones(1, 3, 32, 32), clip_model.tokenize("x"))))
+        self.assertFalse(train.is_clip_lora({"config": {}, "state_dict": {}}))
+
+    def test_malformed_clip_lora_files_are_refused_naming_the_key(self):
+        model, layers = adapted("lora", ("q", "v"))
+        good = clip_lora_layout(model, {"r": 2, "alpha": 1, "encoder": "both", "params": ["q", "v"],
+                                        "position": "all"})
+        depths = {"text": 3, "vision": 3}
+
+        def variant(change):
+            saved = copy.deepcopy(good)
+            change(saved)
+            return saved
+
+        cases = [
+            (lambda s: s["metadata"].pop("alpha"), r"metadata\['alpha'\] is missing"),
+            (lambda s: s["metadata"].update(params=["q", "x"]), r"metadata\['params'\] is \['q', 'x'\]"),
+            (lambda s: s["metadata"].update(position="top"), r"metadata\['position'\] is 'top'"),
+            (lambda s: s["weights"]["layer_2"].update(o_proj=s["weights"]["layer_2"]["q_proj"]),
+             r"weights\['layer_2'\]\['o_proj'\] is not expected"),
+            (lambda s: s["weights"]["layer_4"].pop("v_proj"), r"weights\['layer_4'\]\['v_proj'\] is missing"),
+            (lambda s: s["weights"].pop("layer_5"), r"weights\['layer_5'\] is missing: .* adapt 6 attention"),
+            (lambda s: s["weights"].update(layer_6=s["weights"]["layer_0"]), r"weights\['layer_6'\] is not expected"),
+            (lambda s: s["weights"]["layer_1"]["q_proj"].update(w_lora_A=torch.zeros(3, 128)),
+             r"weights\['layer_1'\]\['q_proj'\]\['w_lora_A'\] is \(3, 128\)"),
+            (lambda s: s.pop("metadata"), r"'metadata' is missing"),
+        ]
+        for change, pattern in cases:
+            with self.assertRaises(train.UserError) as raised:
+                train.from_clip_lora(variant(change), "their.pt", depths)
+            message = str(raised.exception)
+            self.assertRegex(message, f"^their.pt: CLIP-LoRA adapter file: {pattern}")
+            self.assertNotIn("\n", message)
+        other_model = r"weights\['layer_5'\] is not expected: .* adapt 5 attention modules .* 3 text and 2 vision"
+        with self.assertRaisesRegex(train.UserError, other_model):
+            train.from_clip_lora(good, "their.pt", {"text": 3, "vision": 2})  # another model: other layer count
 
 
 if __name__ == "__main__":

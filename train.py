@@ -9,6 +9,8 @@ lora.py), so its results are reproduced by default and its users only change the
 """
 import argparse
 import contextlib
+import csv
+import io
 import json
 import math
 import os
@@ -95,7 +97,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader processes; results do not depend on it")
     p.add_argument("--print_every", type=int, default=50, help="iterations between progress lines")
-    p.add_argument("--summarize", metavar="DIR", help="print mean and std over seeds of the results under DIR")
+    p.add_argument("--summarize", metavar="DIR", help="print mean and std over seeds of the results under DIR, "
+                   "a table per configuration")
+    p.add_argument("--format", choices=FORMATS, help="with --summarize: text (default), markdown or csv")
+    p.add_argument("--plot", metavar="FILE.png", help="with --summarize: also draw accuracy against shots "
+                   "(needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -106,7 +112,14 @@ def adapter_config(args):
     return {"method": args.method, "r": args.r, "alpha": args.alpha, "scaling_rule": "alpha/sqrt(r)",
             "dropout": args.dropout_rate, "blocks": args.blocks if args.method == "block" else None,
             "comp_ratio": args.comp_ratio if args.method == "comp" else None, "encoder": args.encoder,
-            "position": args.position, "params": list(args.params), "backbone": backbone_name(args.backbone)}
+            "position": args.position, "params": canonical_params(args.params),
+            "backbone": backbone_name(args.backbone)}
+
+
+def canonical_params(params):
+    """Projection letters in q, k, v, o order: --params v q and --params q v make the same model."""
+    order = list(clip_model.PROJECTIONS)
+    return sorted(params, key=lambda p: order.index(p) if p in order else len(order))
 
 
 def backbone_name(backbone):
@@ -171,13 +184,22 @@ def load_adapters(path, model, config):
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise UserError(f"{path}: cannot be read as an adapter file ({reason})") from None
-    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
-            and isinstance(saved.get("state_dict"), dict)):
-        raise UserError(f"{path}: not an adapter file written by train.py "
-                        "(expected a dict with a 'config' dict and a 'state_dict' dict)")
-    saved_config, tensors = saved["config"], saved["state_dict"]
-    for field in ADAPTER_FIELDS:
-        if saved_config.get(field) != config[field]:
+    fields = ADAPTER_FIELDS
+    if is_clip_lora(saved):  # the official code's file: it records no backbone (nor dropout)
+        depths = {"text": model.transformer.layers, "vision": model.visual.transformer.layers}
+        saved_config, tensors = from_clip_lora(saved, path, depths)
+        fields = [field for field in ADAPTER_FIELDS if field in saved_config]
+    elif (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+          and isinstance(saved.get("state_dict"), dict)):
+        saved_config, tensors = saved["config"], saved["state_dict"]
+    else:
+        raise UserError(f"{path}: not an adapter file of train.py or CLIP-LoRA (expected a dict with a 'config' "
+                        "dict and a 'state_dict' dict, or CLIP-LoRA's 'weights' and 'metadata')")
+    for field in fields:
+        saved_value = saved_config.get(field)
+        if field == "params" and isinstance(saved_value, list):  # the same projections in any order
+            saved_value = canonical_params(saved_value)
+        if saved_value != config[field]:
             raise UserError(f"{path}: adapter {field} is {saved_config.get(field)!r}, "
                             f"but this run has {field} {config[field]!r}")
     expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
@@ -320,6 +342,123 @@ def sync_folder(folder):
             os.close(fd)
 
 
+# ---------------------------------------------------------------- CLIP-LoRA's adapter files
+# The official code's save_lora / load_lora (MaxZanella/CLIP-LoRA loralib/utils.py, commit 358f0d7) write
+#   {"weights": {"layer_<i>": {"q_proj" | "k_proj" | "v_proj" | "proj":
+#                                  {"w_lora_A": r x d_in, "w_lora_B": d_out x r}}},
+#    "metadata": {"r": int, "alpha": int, "encoder": str, "params": [letters as given], "position": str}}
+# where layer_<i> is the i-th attention module apply_lora adapted: text tower blocks first, then vision blocks,
+# each in block order. Its LinearLoRA is ours: h = W x + b + alpha/sqrt(r) B A dropout(x) (loralib/layers.py).
+CLIP_LORA_KEYS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}  # their key for each of our letters
+CLIP_LORA_METADATA = ("r", "alpha", "encoder", "params", "position")
+
+
+def is_int(value):
+    """An int that is not a bool (JSON and torch.load give both)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    """A finite int or float that is not a bool."""
+    try:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def clip_lora_path(save_path, backbone, dataset, shots, seed, filename="lora_weights"):
+    """Where CLIP-LoRA's save_lora writes: <save_path>/<backbone>/<dataset>/<shots>shots/seed<seed>/<filename>.pt,
+    with the backbone name stripped of '/' and '-' and lower-cased (ViT-B/16 -> vitb16)."""
+    folder = backbone.replace("/", "").replace("-", "").lower()
+    return os.path.join(save_path, folder, dataset, f"{shots}shots", f"seed{seed}", f"{filename}.pt")
+
+
+def is_clip_lora(saved):
+    """Whether a loaded adapter file is in CLIP-LoRA's layout rather than ours ({"config", "state_dict"})."""
+    return isinstance(saved, dict) and ("weights" in saved or "metadata" in saved)
+
+
+def clip_lora_modules(encoder, position, depths):
+    """Our attention modules in the order apply_lora adapts them; depths: {"text": blocks, "vision": blocks}."""
+    towers = (("text", "transformer"), ("vision", "visual.transformer"))
+    return [f"{prefix}.resblocks.{block}.attn" for tower, prefix in towers if encoder in (tower, "both")
+            for block in clip_model._position_blocks(position, depths[tower])]
+
+
+def from_clip_lora(saved, path, depths):
+    """(config, tensors) of a loaded CLIP-LoRA file: our adapter config (method lora) and the lora_ tensors under
+    our state-dict names. depths: {"text": blocks, "vision": blocks} of the model, which fix the blocks that
+    `position` names. A malformed file is a UserError naming `path` and the first offending key."""
+    def bad(key, problem):
+        return UserError(f"{path}: CLIP-LoRA adapter file: {key} {problem}")
+
+    if not isinstance(saved, dict):
+        raise bad("the file", f"holds a {type(saved).__name__}, expected a dict with 'weights' and 'metadata'")
+    for key in saved:
+        if key not in ("weights", "metadata"):
+            raise bad(repr(key), "is not a key of this format (expected 'weights' and 'metadata')")
+    for key in ("metadata", "weights"):
+        if not isinstance(saved.get(key), dict):
+            raise bad(repr(key), "is missing" if key not in saved else "is not a dict")
+    meta = saved["metadata"]
+    for field in meta:
+        if field not in CLIP_LORA_METADATA:
+            raise bad(f"metadata[{field!r}]", f"is not a field of this format ({', '.join(CLIP_LORA_METADATA)})")
+    for field in CLIP_LORA_METADATA:
+        if field not in meta:
+            raise bad(f"metadata[{field!r}]", "is missing")
+    r, alpha, encoder, params, position = (meta[field] for field in CLIP_LORA_METADATA)
+    if not is_int(r) or r < 1:
+        raise bad("metadata['r']", f"is {r!r}, expected a positive integer")
+    if not is_number(alpha):
+        raise bad("metadata['alpha']", f"is {alpha!r}, expected a number")
+    if encoder not in ("text", "vision", "both"):
+        raise bad("metadata['encoder']", f"is {encoder!r}, expected text, vision or both")
+    if (not isinstance(params, list) or not params or len(set(map(repr, params))) != len(params)
+            or not all(isinstance(p, str) and p in CLIP_LORA_KEYS for p in params)):
+        raise bad("metadata['params']", f"is {params!r}, expected distinct letters among q k v o")
+    if position not in clip_model.POSITIONS:
+        raise bad("metadata['position']", f"is {position!r}, expected one of {', '.join(clip_model.POSITIONS)}")
+
+    modules = clip_lora_modules(encoder, position, depths)
+    layers = [f"layer_{i}" for i in range(len(modules))]
+    built = (f"encoder {encoder} and position {position} adapt {len(modules)} attention modules "
+             f"(layer_0 to layer_{len(modules) - 1}) on a model of {depths['text']} text and "
+             f"{depths['vision']} vision blocks")
+    for key in saved["weights"]:
+        if key not in layers:
+            raise bad(f"weights[{key!r}]", f"is not expected: {built}")
+    expected = [CLIP_LORA_KEYS[p] for p in params]
+    tensors = {}
+    for layer, module in zip(layers, modules):
+        where = f"weights[{layer!r}]"
+        if layer not in saved["weights"]:
+            raise bad(where, f"is missing: {built}")
+        entry = saved["weights"][layer]
+        if not isinstance(entry, dict):
+            raise bad(where, "is not a dict")
+        for key in entry:
+            if key not in expected:
+                raise bad(f"{where}[{key!r}]", f"is not expected: params {params} adapt {', '.join(expected)}")
+        for letter, key in zip(params, expected):
+            pair = entry.get(key)
+            if not isinstance(pair, dict) or set(pair) != {"w_lora_A", "w_lora_B"}:
+                raise bad(f"{where}[{key!r}]", "is missing" if pair is None else
+                          "is not a dict of exactly 'w_lora_A' and 'w_lora_B'")
+            a, b = pair["w_lora_A"], pair["w_lora_B"]
+            for name, tensor, r_dim in (("w_lora_A", a, 0), ("w_lora_B", b, 1)):
+                if (not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() != 2
+                        or tensor.shape[r_dim] != r):
+                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                    wanted = "r x d_in" if r_dim == 0 else "d_out x r"
+                    raise bad(f"{where}[{key!r}][{name!r}]", f"is {shape}, expected a float tensor {wanted}, r={r}")
+            name = f"{module}.{clip_model.PROJECTIONS[letter]}"
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a, b
+    config = {"method": "lora", "r": r, "alpha": float(alpha), "scaling_rule": "alpha/sqrt(r)", "blocks": None,
+              "comp_ratio": None, "encoder": encoder, "position": position, "params": list(params)}
+    return config, tensors
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 def autocast(device):
@@ -441,7 +580,7 @@ def run_config(args, device):
     """Every setting that changes a run's result (not the seed, paths, device, workers or printing): what
     --summarize groups by, and what a run folder may only be replaced with (unless --overwrite)."""
     config = {field: getattr(args, field, None) for field in RUN_FIELDS}
-    config.update(backbone=backbone_name(args.backbone), params=list(args.params),
+    config.update(backbone=backbone_name(args.backbone), params=canonical_params(args.params),
                   blocks=args.blocks if args.method == "block" else None,
                   comp_ratio=args.comp_ratio if args.method == "comp" else None,
                   precision="fp16" if device.type == "cuda" else "fp32")
@@ -565,13 +704,19 @@ def load_dataset(name, args, subsample="all"):
 
 
 def adapter_to_evaluate(args):
-    """The adapter file --eval_only/--adapter reads: --adapter, else ours in the run folder."""
+    """The adapter file --eval_only/--adapter reads: --adapter; else ours in the run folder; else the file
+    CLIP-LoRA's code saves for the same flags (--save_path, --backbone, --dataset, --shots, --seed, --filename)."""
     if args.adapter:
         return args.adapter
-    path = os.path.join(run_dir(args), "adapter.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no adapter file (train first, or check --save_path)")
-    return path
+    ours = os.path.join(run_dir(args), "adapter.pt")
+    theirs = clip_lora_path(args.save_path, backbone_name(args.backbone), args.dataset, args.shots, args.seed,
+                            args.filename)
+    if os.path.isfile(ours):
+        return ours
+    if os.path.isfile(theirs):
+        print(f"no {ours}: evaluating CLIP-LoRA's adapter file {theirs}")
+        return theirs
+    raise UserError(f"{ours}: no adapter file, nor CLIP-LoRA's {theirs} (train first, or check --save_path)")
 
 
 def check_fits(model, config):
@@ -673,30 +818,268 @@ def device_name(device):
 
 
 # ------------------------------------------------------------------------------- summary
+# Named above a lone configuration's table; with several configurations, the settings that differ are named.
+KEY_SETTINGS = ("backbone", "r", "alpha", "encoder", "params", "position", "blocks", "comp_ratio")
+# CLIP-LoRA's datasets with the names and in the order of its paper's tables (arXiv 2405.18541, as issue #13
+# lists them); other datasets follow, sorted by name.
+PAPER_DATASETS = {"imagenet": "ImageNet", "sun397": "SUN397", "fgvc": "Aircraft", "eurosat": "EuroSAT",
+                  "stanford_cars": "Cars", "food101": "Food101", "oxford_pets": "Pets", "oxford_flowers": "Flowers",
+                  "caltech101": "Caltech101", "dtd": "DTD", "ucf101": "UCF101"}
+FORMATS = ("text", "markdown", "csv")
 
-def summarize(directory):
-    """Table of mean and standard deviation over seeds, read from the results.json files (never from logs)."""
+
+def skipped(path, reason):
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def read_result(path):
+    """(config, seed, accuracy) of one results.json; ValueError(reason) if it cannot be read or lacks a field."""
+    if not os.path.isfile(path):
+        raise ValueError("not a regular file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise ValueError(f"cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError("empty file")
+    try:
+        result = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"not valid JSON ({error})") from None
+    if not isinstance(result, dict):
+        raise ValueError(f"holds a JSON {type(result).__name__}, expected an object")
+    config, args, accuracy = result.get("config"), result.get("args"), result.get("accuracy")
+    if not isinstance(config, dict):
+        raise ValueError("lacks 'config', the run's settings" if config is None else "'config' is not an object")
+    for field in RUN_FIELDS:
+        if field not in config:
+            raise ValueError(f"config lacks {field!r}")
+    if (not isinstance(config["dataset"], str) or not config["dataset"] or not is_int(config["shots"])
+            or config["shots"] < 1):
+        raise ValueError(f"config has dataset {config['dataset']!r} and shots {config['shots']!r}, expected "
+                         "a name and a positive integer")
+    if not isinstance(args, dict) or not is_int(args.get("seed")):
+        raise ValueError("args['seed'] is missing or not an integer")
+    if not is_number(accuracy):
+        raise ValueError(f"'accuracy' is {accuracy!r}, expected a number")
+    return config, args["seed"], float(accuracy)
+
+
+def read_results(directory):
+    """[(path, config, seed, accuracy)] of the results.json files under `directory`; each file that cannot be
+    read or lacks a field is named on stderr and skipped. A (configuration, seed) found twice (e.g. in a copied
+    folder) counts once: the first path in sorted order is kept, the others are named, so no mean repeats a run."""
+    if not os.path.isdir(directory):
+        raise UserError(f"--summarize {directory}: not a folder")
+    found, records, first = 0, [], {}
+    walk = os.walk(directory, onerror=lambda error: skipped(error.filename, f"cannot list ({error.strerror})"))
+    for folder, subfolders, files in walk:
+        subfolders.sort()
+        if "results.json" not in files:
+            continue
+        found += 1
+        path = os.path.join(folder, "results.json")
+        try:
+            config, seed, accuracy = read_result(path)
+        except ValueError as reason:
+            skipped(path, reason)
+            continue
+        run_key = (json.dumps(config, sort_keys=True), seed)
+        if run_key in first:
+            earlier, earlier_accuracy = first[run_key]
+            other = "" if accuracy == earlier_accuracy else f" (accuracy {accuracy} here, {earlier_accuracy} there)"
+            skipped(path, f"same configuration and seed {seed} as {earlier}{other}; counted once")
+            continue
+        first[run_key] = (path, accuracy)
+        records.append((path, config, seed, accuracy))
+    if not records:
+        raise UserError(f"{directory}: no results.json found" if not found else
+                        f"{directory}: none of its {found} results.json files could be read (each is named above)")
+    return records
+
+
+def setting_text(value, none="none"):
+    if value is None:
+        return none
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def summary_groups(records):
+    """One group per configuration (config without dataset and shots), ordered by the settings that differ
+    between groups: [{"settings", "label", "fields", "cells": {(dataset, shots): {seed: accuracy}}}]."""
     groups = {}
-    for folder, _, files in os.walk(directory):
-        if "results.json" in files:
-            with open(os.path.join(folder, "results.json")) as f:
-                result = json.load(f)
-            a = result["args"]
-            groups.setdefault((a["dataset"], a["method"], a["shots"]), []).append(result["accuracy"])
-    if not groups:
-        raise UserError(f"{directory}: no results.json found")
-    lines = [f"{'dataset':<16}{'method':<8}{'shots':>6}{'seeds':>7}{'mean':>8}{'std':>7}"]
-    for (dataset, method, shots), values in sorted(groups.items()):
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"{dataset:<16}{method:<8}{shots:>6}{len(values):>7}{statistics.mean(values):>8.2f}{std:>7.2f}")
-    return "\n".join(lines)
+    for _, config, seed, accuracy in records:
+        settings = {k: v for k, v in config.items() if k not in ("dataset", "shots")}
+        group = groups.setdefault(json.dumps(settings, sort_keys=True), {"settings": settings, "cells": {}})
+        group["cells"].setdefault((config["dataset"], config["shots"]), {})[seed] = accuracy
+    groups = list(groups.values())
+    known = [f for f in RUN_FIELDS if f not in ("dataset", "shots")]
+    fields = known + sorted({k for g in groups for k in g["settings"]} - set(known))
+    differing = [f for f in fields if len({json.dumps(g["settings"].get(f), sort_keys=True) for g in groups}) > 1]
+    shown = differing if len(groups) > 1 else [f for f in KEY_SETTINGS if groups[0]["settings"].get(f) is not None]
+
+    def natural(value):  # numbers by value (r=4 before r=16), anything else by its JSON text
+        return (0, value, "") if is_number(value) else (1, 0, json.dumps(value, sort_keys=True))
+
+    groups.sort(key=lambda g: [natural(g["settings"].get(f)) for f in differing])
+    for g in groups:
+        g["fields"] = fields
+        g["label"] = " ".join([setting_text(g["settings"].get("method"))] + [
+            f"{f}={setting_text(g['settings'].get(f))}" for f in shown if f != "method"])
+    return groups
+
+
+def dataset_order(dataset):
+    return (0, list(PAPER_DATASETS).index(dataset), "") if dataset in PAPER_DATASETS else (1, 0, dataset)
+
+
+def group_table(group):
+    """(shot counts, rows [(dataset, {shots: (mean, std, seeds)})] in CLIP-LoRA's order, average
+    {shots: (mean of the dataset means, datasets missing at these shots)}); std: sample std, 0 for one seed."""
+    cells = group["cells"]
+    shots = sorted({s for _, s in cells})
+    rows = []
+    for dataset in sorted({d for d, _ in cells}, key=dataset_order):
+        stats = {}
+        for s in shots:
+            if (dataset, s) in cells:
+                values = list(cells[dataset, s].values())
+                stats[s] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                            sorted(cells[dataset, s]))
+        rows.append((dataset, stats))
+    average = {s: (statistics.mean(stats[s][0] for _, stats in rows if s in stats),
+                   [dataset for dataset, stats in rows if s not in stats]) for s in shots}
+    return shots, rows, average
+
+
+def format_summary(groups, fmt):
+    """The tables as aligned text, Markdown pipe tables, or CSV (one row per configuration, dataset and shots)."""
+    if fmt == "csv":
+        return summary_csv(groups)
+    markdown = fmt == "markdown"
+    blocks = []
+    for number, group in enumerate(groups, 1):
+        shots, rows, average = group_table(group)
+        star = "\\*" if markdown else "*"
+        table = [["dataset"] + [f"{s}-shot" for s in shots]]
+        for dataset, stats in rows:
+            table.append([PAPER_DATASETS.get(dataset, dataset)] + [
+                f"{stats[s][0]:.2f} ± {stats[s][1]:.2f} ({len(stats[s][2])})" if s in stats else "-" for s in shots])
+        table.append(["Average"] + [f"{average[s][0]:.2f}{star if average[s][1] else ''}" for s in shots])
+        notes = [f"{star} {s}-shot: average over {len(rows) - len(average[s][1])} of {len(rows)} datasets, without "
+                 f"{', '.join(PAPER_DATASETS.get(d, d) for d in average[s][1])}" for s in shots if average[s][1]]
+        heading = f"configuration {number}/{len(groups)}: {group['label']}"
+        if markdown:
+            def escape(text):
+                return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+            lines = [f"**{escape(heading)}**", ""]
+            lines += ["| " + " | ".join([escape(row[0])] + row[1:]) + " |" for row in table]
+            lines.insert(3, "|:---|" + "---:|" * len(shots))
+            lines += [""] + notes if notes else []
+        else:
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            lines = [heading] + ["  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in
+                                           enumerate(zip(row, widths))).rstrip() for row in table] + notes
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def summary_csv(groups):
+    """One row per (configuration, dataset, shots): mean, std, number and list of seeds, then every setting."""
+    fields = groups[0]["fields"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["configuration", "dataset", "shots", "mean", "std", "seeds", "seed_list", *fields])
+    for number, group in enumerate(groups, 1):
+        shots, rows, _ = group_table(group)
+        settings = [setting_text(group["settings"].get(f), none="") for f in fields]
+        for dataset, stats in rows:
+            for s in shots:
+                if s in stats:
+                    mean, std, seeds = stats[s]
+                    writer.writerow([number, dataset, s, mean, std, len(seeds), " ".join(map(str, seeds)), *settings])
+    return out.getvalue().rstrip("\n")
+
+
+def plot_summary(groups, path):
+    """Accuracy against shots as CLIP-LoRA's figure few_shot.png: a panel per dataset and one for the average,
+    a line per configuration. matplotlib is an optional extra, imported here only; the PNG appears whole or not
+    at all."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    tables = [group_table(g) for g in groups]
+    datasets = sorted({d for _, rows, _ in tables for d, _ in rows}, key=dataset_order)
+    titles = [PAPER_DATASETS.get(d, d) for d in datasets] + ["Average"]
+    cells = len(titles) + 1  # one cell more for the legend, as in few_shot.png
+    grid_rows = -(-cells // min(5, cells))
+    columns = -(-cells // grid_rows)  # at most 5 columns, as few rows as that allows, the rows filled evenly
+    figure = Figure(figsize=(3.2 * columns, 2.6 * grid_rows))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    incomplete = False
+    for index, (group, (shots, rows, average)) in enumerate(zip(groups, tables)):
+        style = dict(color=f"C{index % 10}", marker="o", markersize=3)
+        for dataset, stats in rows:
+            x = [s for s in shots if s in stats]
+            axes[datasets.index(dataset)].errorbar(x, [stats[s][0] for s in x], yerr=[stats[s][1] for s in x],
+                                                   capsize=2, **style)
+        ax = axes[len(datasets)]
+        ax.plot(shots, [average[s][0] for s in shots], label=group["label"], **style)
+        partial = [s for s in shots if average[s][1]]  # hollow: the average misses some dataset there
+        ax.plot(partial, [average[s][0] for s in partial], linestyle="none", markerfacecolor="white", **style)
+        incomplete = incomplete or bool(partial)
+    all_shots = sorted({s for shots, _, _ in tables for s in shots})
+    for index, (ax, title) in enumerate(zip(axes, titles)):
+        ax.set_title(title + (" (hollow: incomplete)" if title == "Average" and incomplete else ""), fontsize=10)
+        ax.set_xticks(all_shots)
+        ax.set_xlabel("shots", fontsize=8)
+        if index % columns == 0:
+            ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
+    for ax in axes[len(titles):]:
+        ax.axis("off")
+    axes[len(titles)].legend(*axes[len(datasets)].get_legend_handles_labels(), loc="center", fontsize=8)
+    figure.tight_layout()
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            figure.savefig(f, format="png", dpi=100)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        raise UserError(f"--plot {path}: cannot write ({error.strerror or error})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def summarize(directory, fmt="text", plot=None):
+    """Per configuration, the papers' table (a row per dataset, a column per shot count, mean ± std (seeds) over
+    seeds, an Average row) from the results.json files under `directory` (never from logs); `plot`: a PNG too."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise UserError(f"--plot {plot}: expected a file name ending in .png")
+    groups = summary_groups(read_results(directory))
+    if plot is not None:
+        plot_summary(groups, plot)
+    return format_summary(groups, fmt)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.summarize:
-            print(summarize(args.summarize))
+        if args.summarize is not None:
+            print(summarize(args.summarize, args.format or "text", args.plot))
+        elif args.format or args.plot is not None:
+            raise UserError("--format and --plot only apply with --summarize DIR")
         else:
             run(args)
     except (UserError, clip_model.LoadError, data.DataError) as error:
