@@ -1081,8 +1081,8 @@ class TestTrain(unittest.TestCase):
                         rf"adapter tensor '{re.escape(first)}' is missing"),
             "nan": ({"config": config, "state_dict": {**tensors, first: torch.full((2, 128), math.nan)}},
                     rf"tensor '{re.escape(first)}' holds NaN"),
-            "config": ({"config": ["lora"], "state_dict": tensors}, r"not an adapter file written by train\.py"),
-            "plain": (tensors, r"not an adapter file written by train\.py"),
+            "config": ({"config": ["lora"], "state_dict": tensors}, r"not an adapter file of train\.py or CLIP-LoRA"),
+            "plain": (tensors, r"not an adapter file of train\.py or CLIP-LoRA"),
         }
         with tempfile.TemporaryDirectory() as tmp:
             for name, (content, pattern) in variants.items():
@@ -1266,18 +1266,33 @@ class TestCommandLine(unittest.TestCase):
             (["--save_path", os.path.join(t, "saved"), "--r", "4"], "seed1 holds a run with r 2, this run has r 4; "
                                                                     "choose another --save_path, or pass --overwrite"),
             (["--save_path", os.path.join(t, "saved"), "--eval_only"], f"{t}/saved/eurosat/lora/4shots/seed1/adapter.pt: "
-                                                                       "not an adapter file written by train.py"),
+                                                                       "not an adapter file of train.py or CLIP-LoRA"),
             (["--eval_only"], "out/eurosat/lora/4shots/seed1/adapter.pt: no adapter file"),
             (adapter("missing"), f"--adapter {t}/adapter_missing.pt: no such file"),
             (adapter("extra"), "unexpected tensor 'visual.ln_post.weight'"),
             (adapter("shape"), "has shape (3, 3), expected (2, 128)"),
-            (adapter("notdict"), "not an adapter file written by train.py"),
+            (adapter("notdict"), "not an adapter file of train.py or CLIP-LoRA"),
             (adapter("r4"), "adapter r is 4, but this run has r 2"),
             (["--export_merged", os.path.join(t, "nofolder", "m.pt")], f"--export_merged {t}/nofolder/m.pt: folder"),
             (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: is a folder"),
             (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
             (["--summarize", os.path.join(t, "empty")], f"{t}/empty: no results.json found"),
         ]
+
+    def test_summarize_names_a_bad_results_file_and_goes_on(self):
+        folder = os.path.join(self.tmp, "summary_cli")
+        good = write_result(folder, "good", 1, 61.5, dataset="eurosat", shots=4)
+        bad = os.path.join(folder, "bad", "results.json")
+        os.makedirs(os.path.dirname(bad))
+        with open(good) as f, open(bad, "w") as out:
+            out.write(f.read()[:40])  # truncated
+        result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--summarize", folder],
+                                capture_output=True, text=True, cwd=self.cwd, timeout=300)
+        shutil.rmtree(folder)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith(f"skipped {bad}: not valid JSON ("), result.stderr)
+        self.assertIn("61.50 ± 0.00 (1)", result.stdout)
 
     def test_each_mistake_is_one_line_and_writes_nothing(self):
         base = ["--backbone", "tiny", "--dataset", "eurosat", "--root", self.root, "--shots", "4", "--n_iters", "1",
