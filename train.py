@@ -789,7 +789,7 @@ def run(args):
         for name, row in results["retention"].items():
             kept = "n/a" if row["retention"] is None else f"{row['retention']:.3f}"
             print(f"{name}: zero-shot plain {row['plain']:.2f}  adapted {row['adapted']:.2f}  retention {kept}")
-    if novel:
+    if novel is not None:
         new = zero_shot_accuracy(model, novel, template, preprocess, args, device)
         results.update(base_accuracy=final, new_accuracy=new,
                        harmonic_mean=2 * final * new / (final + new) if final + new else 0.0)
