@@ -2,17 +2,28 @@
 
     python bench.py                                   # CUDA when available, else CPU with smaller defaults
     python bench.py --methods none lora --json bench.json
+    python bench.py --sections imagenet               # the 1,000-class ImageNet scale (CPU here: ~30 min)
 
 Methods: `none` (frozen CLIP, nothing to train) and the `lora`, `comp` and `block` adapters with train.py's
 defaults (r=2, alpha=1, dropout 0.25 on q, k, v of every block of both encoders). For each: one training step
 (median and range over --steps after --warmup), its peak memory, its FLOP/s as a fraction of a matmul peak
 measured in the same run, the trainable parameters, and inference images/s with the adapters unmerged and
-merged next to the plain model. Then the no-grad text encoding of 10 and 1,000 class prompts with and without
-the exact context truncation of `CLIP.encode_text`. Prints tables; --json FILE also writes the figures.
+merged next to the plain model. Then the no-grad text encoding of 10 CoOp prompts and of 1,000 prompts with
+ImageNet's token lengths: length groups (`CLIP.encode_text`), one truncation to the longest prompt, and the
+full 77 positions.
+
+--sections imagenet: a training step with ImageNet's 1,000 prompts for each method, the text tower run as one
+truncation, as length groups, and as length groups with activation checkpointing: step time, peak memory,
+the bytes kept for the backward pass (counted with saved_tensors_hooks), and the GPU memory of CLIP-LoRA's
+ImageNet 16-shot setting (batch 32, fp16 autocast) projected from those counts. On CUDA, whose default batch
+is that setting's, the step time and torch.cuda.max_memory_allocated are measured next to the projection.
+Prints tables; --json FILE also writes the figures.
 """
 import argparse
 import copy
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -39,9 +50,16 @@ CLASS_NAMES = ["tench", "great white shark", "German Shepherd Dog", "espresso ma
                "love in the mist", "Cessna 172", "2012 Tesla Model S Sedan", "1991 Volkswagen Golf Hatchback",
                "striped", "Herbaceous Vegetation Land", "Industrial Buildings", "Playing Cello",
                "outdoor athletic field"]
-TEXT_PROMPTS = (10, 1000)
-TEXT_CHUNK = 250  # prompts per encode_text call; each call truncates to its own longest prompt
-TEXT_SECONDS = 20  # time box per prompt count: on CPU one pass over 1,000 full-context prompts takes ~40 s
+# Token positions (start and end tokens included) of CLIP-LoRA's 1,000 ImageNet prompts "a photo of a {class}.":
+# `imagenet_classes` of MaxZanella/CLIP-LoRA datasets/imagenet.py (commit 358f0d7) through our tokenizer,
+# as {positions: prompts}. Only the lengths matter for cost, so the bench rebuilds prompts of these lengths.
+IMAGENET_LENGTHS = {8: 246, 9: 508, 10: 155, 11: 49, 12: 24, 13: 9, 14: 7, 15: 1, 18: 1}
+TEXT_SECONDS = 20  # time box per prompt set for the grouped and truncated encodings (full 77: one pass)
+# How the imagenet section runs the text tower: `encode_text` arguments
+TEXT_VARIANTS = {"truncated": dict(group_cost=math.inf, checkpoint=False),  # one group: the code before groups
+                 "groups": dict(group_cost=None, checkpoint=False),
+                 "groups+ckpt": dict(group_cost=None, checkpoint=True)}
+IMAGENET_BATCH = 32  # CLIP-LoRA's batch size, the GPU setting the projection is for
 # FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU one that
 # scaled_dot_product_attention runs here; give it the same dense formulas (an upper bound for the causal
 # text attention, a small share of the step).
@@ -83,6 +101,14 @@ def prompts(n):
     return [f"a photo of a {CLASS_NAMES[i % len(CLASS_NAMES)]}." for i in range(n)]
 
 
+def imagenet_prompts():
+    """1,000 prompts with the token lengths of ImageNet's (IMAGENET_LENGTHS), in a fixed random order."""
+    lengths = [length for length, count in IMAGENET_LENGTHS.items() for _ in range(count)]
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    # "a photo of a x." takes 8 positions with the start and end tokens; each further " x" one more
+    return ["a photo of a" + " x" * (lengths[i] - 7) + "." for i in order]
+
+
 def matmul_peak(device):
     """(FLOP/s, label) of a square matmul in the step's matmul dtype: fp16 on CUDA (autocast), fp32 on CPU."""
     n, dtype = (8192, torch.float16) if device.type == "cuda" else (2048, torch.float32)
@@ -108,16 +134,17 @@ def build(method, device):
     return model.to(device).train()
 
 
-def training_step(model, images, tokens, labels, device):
+def training_step(model, images, tokens, labels, device, group_cost=None, checkpoint=False):
     """One step as train.py: both encoders (text re-encoded), cross-entropy of 100 x cosine, backward, AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2) if params else None
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    precision = train.resolve_precision("auto", device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step():
-        with train.autocast(device):
+        with train.autocast(device, precision):
             image = F.normalize(model.encode_image(images).float(), dim=-1)
-            text = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            text = F.normalize(model.encode_text(tokens, checkpoint, group_cost).float(), dim=-1)
         scaler.scale(F.cross_entropy(train.LOGIT_SCALE * image @ text.t(), labels)).backward()
         if optimizer:
             scaler.step(optimizer)
@@ -159,7 +186,7 @@ def measure_method(method, device, batch, classes, steps, warmup):
         variants["unmerged"] = model.eval()
         variants["merged"] = copy.deepcopy(model)
         train.merge_all([layer for layer in variants["merged"].modules() if hasattr(layer, "merge")])
-    with torch.no_grad(), train.autocast(device):
+    with torch.no_grad(), train.autocast(device, "auto"):
         seconds = timed({name: (lambda m=m: m.encode_image(images)) for name, m in variants.items()},
                         device, steps, warmup)
     result["inference_images_per_second"] = {name: batch / statistics.median(s) for name, s in seconds.items()}
@@ -178,19 +205,183 @@ def encode_text_full(model, tokens):
 
 
 @torch.no_grad()
-def text_encoding(model, n, device, rounds):
-    """Seconds to encode n prompts in chunks, truncated and full context, and their largest difference."""
-    tokens = clip_model.tokenize(prompts(n)).to(device)
-    chunks = tokens.split(TEXT_CHUNK)
-    encoders = {"truncated": model.encode_text, "full": lambda t: encode_text_full(model, t)}
-    with train.autocast(device):
-        # warm-up on one chunk, whose outputs also check that both ways compute the same features
-        difference = (encoders["truncated"](chunks[0]) - encoders["full"](chunks[0])).abs().max().item()
-        seconds = timed({name: (lambda e=e: [e(chunk) for chunk in chunks]) for name, e in encoders.items()},
-                        device, rounds, warmup=0, max_seconds=TEXT_SECONDS)
-    return {"truncated_length": int(tokens.argmax(dim=-1).max()) + 1, "max_abs_difference": difference,
+def text_encoding(model, texts, device, rounds):
+    """Seconds to encode `texts` in one call (as train.py does) three ways, and their largest differences
+    relative to the full 77 positions."""
+    tokens = clip_model.tokenize(texts).to(device)
+    encoders = {"groups": model.encode_text, "truncated": lambda t: model.encode_text(t, group_cost=math.inf),
+                "full": lambda t: encode_text_full(model, t)}
+    with train.autocast(device, "auto"):
+        features = {name: encode(tokens).float() for name, encode in encoders.items()}  # also the warm-up
+        seconds = timed({name: (lambda e=encoders[name]: e(tokens)) for name in ("groups", "truncated")},
+                        device, max(rounds, 5), warmup=0, max_seconds=TEXT_SECONDS)
+        seconds.update(timed({"full": lambda: encoders["full"](tokens)}, device, rounds=1, warmup=0))
+    ends = tokens.argmax(dim=-1)
+    groups = clip_model.length_groups(ends, clip_model.GROUP_COST[device.type])
+    return {"prompts": len(texts), "group_count": len(groups), "truncated_length": int(ends.max()) + 1,
+            "positions": {"groups": sum(len(rows) * (int(ends[rows].max()) + 1) for rows in groups),
+                          "truncated": len(texts) * (int(ends.max()) + 1), "full": len(texts) * tokens.shape[1]},
+            "relative_difference": {name: ((features[name] - features["full"]).abs().max()
+                                           / features["full"].abs().max()).item() for name in ("groups", "truncated")},
             **{name: summary(s) for name, s in seconds.items()},
-            "speedup": statistics.median(seconds["full"]) / statistics.median(seconds["truncated"])}
+            # paired by round, so that drift between rounds cancels
+            "groups_speedup_vs_truncated": summary([t / g for g, t in zip(seconds["groups"], seconds["truncated"])]),
+            "truncated_speedup_vs_full": statistics.median(seconds["full"]) / statistics.median(seconds["truncated"])}
+
+
+# ------------------------------------------------------------------------------------------ ImageNet scale
+
+def saved_bytes(model, images, tokens, precision, group_cost=None, checkpoint=False, parts=("image", "text")):
+    """{part: bytes} that a training forward of the image and of the text tower keeps for the backward pass.
+
+    Counted with saved_tensors_hooks: each distinct storage once, the model's own parameters and buffers
+    excluded (they are resident anyway), plus each text block's input (all a checkpointed block keeps).
+    Forward only: nothing is back-propagated.
+    """
+    device = images.device
+    resident = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    counted = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            counted[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def count_input(module, inputs):
+        count(inputs[0])
+    hooks = [block.register_forward_pre_hook(count_input) for block in model.transformer.resblocks]
+    forwards = {"image": lambda: model.encode_image(images),
+                "text": lambda: model.encode_text(tokens, checkpoint, group_cost)}
+    result = {}
+    with torch.enable_grad(), train.autocast(device, precision):
+        for part in parts:
+            counted.clear()
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+                output = forwards[part]()
+            result[part] = sum(counted.values())
+            del output  # frees its graph and the saved tensors before the next part
+    for hook in hooks:
+        hook.remove()
+    return result
+
+
+def gpu_setting_saved_bytes(model, tokens, device, variant, parts):
+    """saved_bytes of the GPU setting (IMAGENET_BATCH images, fp16 autocast as CUDA runs it).
+
+    On CPU, autocast to bf16 stands in for fp16: CPU autocast casts the same operations to either (same 2
+    bytes), and CPU fp16 matmuls are ~100x slower here. One difference is emulated: CUDA autocast runs
+    layer_norm in float32, CPU in its input's dtype; only ln_pre gets an fp16 input (the patch embedding).
+    """
+    images = torch.randn(IMAGENET_BATCH, 3, 224, 224, device=device)
+    if device.type == "cuda":
+        return saved_bytes(model, images, tokens, "fp16", parts=parts, **TEXT_VARIANTS[variant])
+    hook = model.visual.ln_pre.register_forward_pre_hook(lambda module, inputs: (inputs[0].float(),))
+    try:
+        return saved_bytes(model, images, tokens, "bf16", parts=parts, **TEXT_VARIANTS[variant])
+    finally:
+        hook.remove()
+
+
+def imagenet_inputs(batch, device):
+    """(images, tokens of ImageNet's 1,000 prompts, labels) of one training step."""
+    torch.manual_seed(0)
+    tokens = clip_model.tokenize(imagenet_prompts()).to(device)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    return images, tokens, torch.randint(len(tokens), (batch,), device=device)
+
+
+def time_imagenet(method, device, batch, steps, warmup):
+    """{variant: step seconds} for each way of running the text tower (TEXT_VARIANTS) with ImageNet's prompts.
+    One model, the variants taking turns each round so that the machine's drift affects them alike."""
+    images, tokens, labels = imagenet_inputs(batch, device)
+    model = build(method, device)
+    seconds = timed({variant: training_step(model, images, tokens, labels, device, **options)
+                     for variant, options in TEXT_VARIANTS.items()}, device, steps, warmup)
+    # speed relative to one truncation, paired by round
+    return {variant: {"step_seconds": summary(s), "vs_truncated": summary([a / b for a, b in
+                                                                           zip(s, seconds["truncated"])])}
+            for variant, s in seconds.items()}
+
+
+def measure_imagenet(method, variant, device, batch, warmup, image_part):
+    """Memory of one method and text variant with ImageNet's prompts, in a process of its own (see
+    measure_method): the peak over max(warmup, 1) steps, and the bytes saved for backward in this run and in
+    the GPU setting (its image part only if image_part: it does not depend on the variant)."""
+    images, tokens, labels = imagenet_inputs(batch, device)
+    model = build(method, device)
+    step = training_step(model, images, tokens, labels, device, **TEXT_VARIANTS[variant])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = memory_mark(device)
+    for _ in range(max(warmup, 1)):
+        step()
+    sync(device)
+    peak = memory_mark(device)
+    saved = saved_bytes(model, images, tokens, train.resolve_precision("auto", device), **TEXT_VARIANTS[variant])
+    parts = ("image", "text") if image_part else ("text",)
+    gpu = saved if device.type == "cuda" and batch == IMAGENET_BATCH else \
+        gpu_setting_saved_bytes(model, tokens, device, variant, parts)
+    return {"peak_memory_bytes": peak, "step_memory_bytes": peak - before,
+            "saved_bytes": saved, "gpu_setting_saved_bytes": {part: gpu[part] for part in parts},
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "resident_bytes": sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
+                                                                                        model.buffers()))}
+
+
+def projected_peak(result, saved, recompute):
+    """Projected peak memory of a training step from counted bytes.
+
+    peak = resident + saved + recompute, where
+      resident  = every parameter and buffer in float32 (autocast keeps float32 weights)
+                  + 3 x 4 bytes per trainable parameter (its gradient and AdamW's two moments);
+      saved     = the bytes kept for the backward pass (saved_bytes, image + text);
+      recompute = with checkpointing, the text blocks' activations rebuilt during the backward pass: at most
+                  one block's worth for all prompts, the text saved without checkpointing / layers.
+    Not modelled: the backward pass's gradient buffers (a few activations' size) and allocator slack.
+    """
+    return result["resident_bytes"] + 12 * result["trainable_params"] + saved["image"] + saved["text"] + recompute
+
+
+def add_projections(results, layers):
+    """Adds projected peaks to `results` ({method: {variant: figures}}), for this run and the GPU setting."""
+    for variants in results.values():
+        image_gpu = next(r["gpu_setting_saved_bytes"]["image"] for r in variants.values()
+                         if "image" in r["gpu_setting_saved_bytes"])
+        for variant, r in variants.items():
+            plain = variants.get("groups", r)  # the same grouping without checkpointing
+            checkpointed = TEXT_VARIANTS[variant]["checkpoint"]
+            r["projected_peak_bytes"] = projected_peak(
+                r, r["saved_bytes"], plain["saved_bytes"]["text"] / layers if checkpointed else 0)
+            gpu = {"image": image_gpu, "text": r["gpu_setting_saved_bytes"]["text"]}
+            r["gpu_setting_projected_peak_bytes"] = projected_peak(
+                r, gpu, plain["gpu_setting_saved_bytes"]["text"] / layers if checkpointed else 0)
+
+
+def print_imagenet(report):
+    mb, gb = 2 ** 20, 2 ** 30
+    r0 = report["imagenet"]
+    print(f"\nImageNet scale: {sum(IMAGENET_LENGTHS.values()):,} prompts with the token lengths of ImageNet's, "
+          f"batch {report['batch']}, {report['device_name']}; vs trunc.: median of paired rounds; peak: "
+          f"{report['memory']}")
+    print(f"{'method':<7}{'text':<13}{'median s':>9}{'min-max s':>14}{'vs trunc.':>10}{'peak MiB':>9}"
+          f"{'saved MiB img+text':>19}{'projected MiB':>14}")
+    for method, variants in r0.items():
+        for variant, r in variants.items():
+            s = r["step_seconds"]
+            print(f"{method:<7}{variant:<13}{s['median']:>9.2f}{s['min']:>8.2f}-{s['max']:<5.2f}"
+                  f"{r['vs_truncated']['median']:>10.3f}{r['peak_memory_bytes'] / mb:>9.0f}"
+                  f"{r['saved_bytes']['image'] / mb:>10.0f}+{r['saved_bytes']['text'] / mb:<8.0f}"
+                  f"{r['projected_peak_bytes'] / mb:>14.0f}")
+    print(f"\nprojected GPU memory, ImageNet 16-shot setting (batch {IMAGENET_BATCH}, 1,000 classes, fp16 "
+          "autocast): resident + saved + recompute (bench.projected_peak)")
+    print(f"{'method':<7}{'text':<13}{'saved GiB image':>17}{'saved GiB text':>15}{'projected GiB':>14}")
+    for method, variants in r0.items():
+        image = next(r["gpu_setting_saved_bytes"]["image"] for r in variants.values()
+                     if "image" in r["gpu_setting_saved_bytes"])
+        for variant, r in variants.items():
+            print(f"{method:<7}{variant:<13}{image / gb:>17.2f}{r['gpu_setting_saved_bytes']['text'] / gb:>15.2f}"
+                  f"{r['gpu_setting_projected_peak_bytes'] / gb:>14.2f}")
 
 
 def print_report(report):
@@ -214,12 +405,20 @@ def print_report(report):
             line += f"{ips['unmerged']:>10.2f}{ips['merged']:>8.2f}" + "".join(
                 f"{vs[v]['median']:>9.3f} ({vs[v]['min']:.3f}-{vs[v]['max']:.3f})" for v in ("unmerged", "merged"))
         print(line)
-    print("\ntext encoding, no grad (median s of all prompts, in chunks of "
-          f"{TEXT_CHUNK}; timed passes in brackets)")
-    for n, r in report["text_encoding"].items():
-        print(f"{n:>6} prompts: truncated to {r['truncated_length']} tokens {r['truncated']['median']:.3f} s "
-              f"[{r['truncated']['n']}], full 77 {r['full']['median']:.3f} s [{r['full']['n']}], "
-              f"speedup {r['speedup']:.1f}x (max |difference| {r['max_abs_difference']:.1e})")
+
+
+def print_text_encoding(report):
+    print("\ntext encoding, no grad, all prompts in one call: median s [timed passes]; groups vs truncated: "
+          "median (min-max) of paired passes; difference: largest, relative to the full 77 positions")
+    for name, r in report["text_encoding"].items():
+        g, t, f, vs = r["groups"], r["truncated"], r["full"], r["groups_speedup_vs_truncated"]
+        positions = ", ".join(f"{k} {v:,}" for k, v in r["positions"].items())
+        print(f"{name} (positions computed: {positions}):")
+        print(f"  {r['group_count']} length group(s) {g['median']:.3f} s [{g['n']}], one truncation to "
+              f"{r['truncated_length']} {t['median']:.3f} s [{t['n']}], full 77 {f['median']:.3f} s "
+              f"[{f['n']}]; groups {vs['median']:.2f}x ({vs['min']:.2f}-{vs['max']:.2f}) faster than truncation, "
+              f"truncation {r['truncated_speedup_vs_full']:.1f}x faster than full; difference groups "
+              f"{r['relative_difference']['groups']:.1e}, truncated {r['relative_difference']['truncated']:.1e}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -254,14 +453,19 @@ def main(argv=None):
     p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=integer_at_least(1), help="images per training step (CUDA 32, CPU 4)")
     p.add_argument("--classes", type=integer_at_least(1), default=10, help="class prompts per training step")
-    p.add_argument("--steps", type=integer_at_least(1), help="timed steps after warm-up (CUDA 10, CPU 5)")
+    p.add_argument("--steps", type=integer_at_least(1),
+                   help="timed steps after warm-up (CUDA 10, CPU 5; imagenet section on CPU 2)")
     p.add_argument("--warmup", type=integer_at_least(0), help="untimed steps first (CUDA 3, CPU 1)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--sections", nargs="+", choices=["steps", "text", "imagenet"], default=["steps", "text"],
+                   help="steps: the training step table at --classes; text: text encoding; imagenet: see above")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     cuda = args.device.type == "cuda"
-    # the CPU defaults keep a full run near 3 minutes on 2 cores
+    sections = set(args.sections)
+    # the CPU defaults keep the steps and text sections near 5 minutes on 2 cores
     args.batch = args.batch or (32 if cuda else 4)
+    imagenet_steps = args.steps or (10 if cuda else 2)  # a CPU step at 1,000 classes takes 10-20 s
     args.steps = args.steps or (10 if cuda else 5)
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -278,13 +482,14 @@ def main(argv=None):
         "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode on one step (forward + backward)",
         "memory": "torch.cuda.max_memory_allocated; +step above the model and inputs" if cuda else
                   "each method's own process, peak resident set (ru_maxrss); +step above its pre-step high-water mark",
-        "methods": {}, "text_encoding": {}}
+        "methods": {}, "text_encoding": {}, "imagenet": {}}
     print(f"{report['device_name']}, torch {torch.__version__}; CLIP {report['model']}; batch {args.batch}, "
           f"{args.classes} classes, {args.steps} timed steps after {args.warmup} warm-up; "
           f"{peak_label} peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     context = multiprocessing.get_context("spawn")  # a fresh process: no CUDA state or memory carried over
-    for method in dict.fromkeys(args.methods):  # in the order given, once each
+    methods = list(dict.fromkeys(args.methods))  # in the order given, once each
+    for method in methods if "steps" in sections else []:
         start = time.perf_counter()
         with context.Pool(1) as pool:  # one process per method, ended when its figures are back
             r = pool.apply(measure_method, (method, args.device, args.batch, args.classes, args.steps, args.warmup))
@@ -292,11 +497,31 @@ def main(argv=None):
         r["fraction_of_matmul_peak"] = r["flops_per_second"] / peak
         report["methods"][method] = r
         print(f"  measured {method} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    if report["methods"]:
+        print_report(report)
 
-    model = clip_model.build_random(**VIT_B_16).to(args.device)
-    for n in TEXT_PROMPTS:
-        report["text_encoding"][n] = text_encoding(model, n, args.device, args.steps)
-    print_report(report)
+    if "text" in sections:
+        model = clip_model.build_random(**VIT_B_16).to(args.device)
+        prompt_sets = {"10 CoOp prompts": prompts(10), "1,000 prompts, ImageNet's lengths": imagenet_prompts()}
+        for name, texts in prompt_sets.items():
+            report["text_encoding"][name] = text_encoding(model, texts, args.device, args.steps)
+        del model
+        print_text_encoding(report)
+
+    for method in methods if "imagenet" in sections else []:  # one heavy process at a time
+        start = time.perf_counter()
+        with context.Pool(1) as pool:
+            report["imagenet"][method] = pool.apply(time_imagenet, (
+                method, args.device, args.batch, imagenet_steps, args.warmup))
+        for i, variant in enumerate(TEXT_VARIANTS):
+            with context.Pool(1) as pool:
+                report["imagenet"][method][variant].update(pool.apply(measure_imagenet, (
+                    method, variant, args.device, args.batch, args.warmup, i == 0)))
+        print(f"  measured {method} at ImageNet scale in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+    if report["imagenet"]:
+        add_projections(report["imagenet"], VIT_B_16["transformer_layers"])
+        print_imagenet(report)
 
     if args.json:  # a temporary file renamed over the target, so a reader never sees half a file
         tmp = f"{args.json}.tmp{os.getpid()}"

@@ -497,6 +497,140 @@ class TestAdapters(unittest.TestCase):
 
 # ------------------------------------------------------------------------------------------ data.py
 
+class TestTextEncodingAndPrecision(unittest.TestCase):
+    """Length-grouped text encoding, text-tower checkpointing, and the fp16 path (autocast + GradScaler) on CPU."""
+
+    PROMPTS = PROMPTS + ["a photo of a dog.", "a photo of a big red fire truck.", "a photo of a cat.", "ok"]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = data.write_synthetic(os.path.join(cls.tmp.name, "data"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def full_context(self, model, tokens):
+        """Text features over all 77 positions, as openai/CLIP computes them (no truncation, no groups)."""
+        x = model.ln_final(model.transformer(model.token_embedding(tokens) + model.positional_embedding))
+        return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ model.text_projection
+
+    def output_weights(self, n):
+        """Fixed random weights for a scalar loss of n text features."""
+        return torch.randn(n, clip_model.TINY_CONFIG["embed_dim"], generator=torch.Generator().manual_seed(0))
+
+    def text_gradients(self, model, encode, tokens, weights):
+        model.zero_grad(set_to_none=True)
+        out = encode(tokens)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def test_length_groups_equal_full_context_outputs_and_gradients(self):
+        tokens = clip_model.tokenize(self.PROMPTS)
+        ends = tokens.argmax(-1)
+        self.assertEqual(len(clip_model.length_groups(ends, 0)), len(set(ends.tolist())))  # one per length
+        self.assertEqual(len(clip_model.length_groups(ends, math.inf)), 1)  # one truncation
+        model, layers = adapted("lora", ("q", "k", "v", "o"), encoder="text")
+        randomize_b(layers)
+        model.eval()  # no adapter dropout: masks of other shapes would draw other values
+        weights = self.output_weights(len(tokens))
+        full, full_grads = self.text_gradients(model, lambda t: self.full_context(model, t), tokens, weights)
+        self.assertEqual(len(full_grads), 2 * 4 * 3)  # lora_A and lora_B of q, k, v, o in 3 text blocks
+        for cost in (0, None, math.inf):
+            out, grads = self.text_gradients(model, lambda t: model.encode_text(t, group_cost=cost), tokens, weights)
+            self.assertLessEqual(max_rel_err(out, full), 1e-6, cost)
+            for name, grad in full_grads.items():
+                self.assertLessEqual(max_rel_err(grads[name], grad), 1e-5, (cost, name))
+
+    def test_checkpointed_text_tower_gives_the_same_adapter_gradients(self):
+        tokens = clip_model.tokenize(self.PROMPTS)
+        model, layers = adapted("block", encoder="text")
+        randomize_b(layers)
+        model.train()  # adapter dropout active: the recomputation must draw the same masks
+        weights = self.output_weights(len(tokens))
+
+        def gradients(seed, checkpoint):
+            """(adapter gradients, number of tensors saved for backward) of one seeded forward and backward."""
+            saved = []
+
+            def keep(tensor):
+                saved.append(tensor.shape)
+                return tensor
+            torch.manual_seed(seed)
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+                _, grads = self.text_gradients(
+                    model, lambda t: model.encode_text(t, checkpoint=checkpoint), tokens, weights)
+            return grads, len(saved)
+
+        plain, saved_plain = gradients(1, checkpoint=False)
+        recomputed, saved_recomputed = gradients(1, checkpoint=True)
+        self.assertLess(saved_recomputed, saved_plain / 4)  # the checkpoint is in effect
+        self.assertEqual(plain.keys(), recomputed.keys())
+        for name, grad in plain.items():
+            self.assertLessEqual(max_rel_err(recomputed[name], grad), 1e-6, name)
+        other, _ = gradients(2, checkpoint=False)  # another seed, other masks: the comparison above can fail
+        self.assertGreater(max(max_rel_err(other[n], g) for n, g in plain.items()), 1e-3)
+
+    def test_precision_and_checkpoint_flags(self):
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")
+        self.assertEqual(train.resolve_precision("auto", cpu), "fp32")
+        self.assertEqual(train.resolve_precision("auto", cuda), "fp16")
+        self.assertEqual(train.resolve_precision("bf16", cpu), "bf16")
+        self.assertEqual(train.parse_args([]).precision, "auto")
+        short = torch.zeros(455, 77, dtype=torch.long)
+        short[:, 8] = 49407  # 455 prompts ending at position 8: 4,095 positions
+        self.assertFalse(train.text_checkpointing("auto", short))
+        self.assertTrue(train.text_checkpointing("auto", torch.cat([short, short[:1]])))
+        self.assertTrue(train.text_checkpointing("on", short[:1]))
+        self.assertFalse(train.text_checkpointing("off", torch.cat([short, short])))
+
+    def fp16_training(self, **scaler_options):
+        """Train the tiny model for 4 iterations with --precision fp16 on CPU through train.train.
+        Returns (losses printed, the GradScaler train.train made, adapters before, adapters after)."""
+        dataset = data.build_dataset("eurosat", self.root, 4, 1)
+        args = train.parse_args(["--backbone", "tiny", "--shots", "4", "--n_iters", "1", "--batch_size", "4",
+                                 "--lr", "5e-3", "--workers", "0", "--print_every", "1", "--precision", "fp16"])
+        torch.manual_seed(0)
+        model, _ = clip_model.load("tiny")
+        train.add_adapters(model, train.adapter_config(args))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        scalers, real = [], torch.amp.GradScaler
+
+        def make_scaler(*args, **kwargs):  # the real GradScaler with the test's options, kept for inspection
+            scalers.append(real(*args, **kwargs, **scaler_options))
+            return scalers[-1]
+        dtypes = []  # of the first q projection's output, to see that autocast is on
+        model.visual.transformer.resblocks[0].attn.q_proj.base.register_forward_hook(
+            lambda module, inputs, output: dtypes.append(output.dtype))
+        with mock.patch.object(torch.amp, "GradScaler", make_scaler):
+            _, printed = quiet(train.train, model, dataset, args, torch.device("cpu"), 32)
+        self.assertEqual(set(dtypes), {torch.float16})
+        progress = [line for line in printed.splitlines() if line.startswith("iter ")]
+        losses = [float(line.split("  loss ")[1].split()[0]) for line in progress]
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.assertEqual(len(scalers), 1)
+        return losses, scalers[0], before, after
+
+    def test_fp16_training_on_cpu_updates_scaler_and_adapters(self):
+        # The random tiny model's first gradients overflow fp16 at GradScaler's default scale 2^16 (each step
+        # is then skipped and the scale halved, as designed); from 2^8 every step fits and is applied.
+        losses, scaler, before, after = self.fp16_training(init_scale=2.0 ** 8)
+        self.assertEqual(len(losses), 4)
+        self.assertTrue(all(math.isfinite(loss) for loss in losses), losses)
+        self.assertTrue(scaler.is_enabled())
+        state = scaler.state_dict()  # each applied step counts; an overflow halves the scale and resets the count
+        self.assertEqual((state["scale"], state["_growth_tracker"]), (2.0 ** 8, 4))
+        self.assertTrue(all(torch.isfinite(t).all() for t in after.values()))
+        self.assertTrue(any(not torch.equal(before[n], after[n]) for n in before))
+
+    def test_fp16_gradient_overflow_skips_the_step(self):
+        losses, scaler, before, after = self.fp16_training(init_scale=2.0 ** 100)  # scaled gradients overflow fp16
+        self.assertTrue(all(math.isfinite(loss) for loss in losses), losses)
+        self.assertEqual(scaler.get_scale(), 2.0 ** 96)  # halved at each of the 4 skipped steps
+        self.assertTrue(all(torch.equal(before[n], after[n]) for n in before))
+
+
 def reference_draw(split, shots, seed):
     """The CLIP-LoRA few-shot protocol restated: seed, then for val (min(shots, 4)) and then train, group by label
     in order of first appearance and random.sample per group (random.choices when the group is too small)."""

@@ -94,6 +94,13 @@ def parse_args(argv=None):
                    help="also write a plain CLIP state dict with the adapters merged (with --eval_only or "
                         "--adapter: of the evaluated adapter)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="autocast dtype; auto: fp16 with a gradient scaler on CUDA (as the official lora.py), fp32 "
+                        "elsewhere. fp16 also runs on CPU (slowly: the code path a GPU runs); bf16 needs no scaler")
+    p.add_argument("--text_checkpoint", default="auto", choices=["auto", "on", "off"],
+                   help="recompute the text tower's activations in the backward pass instead of storing them "
+                        "(less memory, one more text forward per step); auto: on when the class prompts span more "
+                        "than 4096 token positions (ImageNet's 1,000 prompts: 9,165)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader processes; results do not depend on it")
     p.add_argument("--print_every", type=int, default=50, help="iterations between progress lines")
@@ -461,9 +468,18 @@ def from_clip_lora(saved, path, depths):
 
 # ------------------------------------------------------------------------------ evaluation
 
-def autocast(device):
-    """fp16 autocast on CUDA, as the official code; float32 elsewhere (bf16 is very slow on most CPUs)."""
-    return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda")
+def resolve_precision(requested, device):
+    """The --precision that runs on `device`: auto is fp16 on CUDA (the official lora.py), fp32 elsewhere (our
+    choice: bf16 is slow on CPUs without bf16 units, fp16 on nearly all CPUs)."""
+    if requested == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def autocast(device, precision):
+    """Autocast to fp16 or bf16 on the device's own type (CPU included); none for fp32. precision: --precision."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_precision(precision, device))
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def class_prompts(classnames, template):
@@ -481,18 +497,29 @@ def class_prompts(classnames, template):
         raise
 
 
-def text_features(model, tokens, device):
-    with autocast(device):
-        features = model.encode_text(tokens.to(device))
+TEXT_CHECKPOINT_POSITIONS = 4096  # --text_checkpoint auto: our threshold, from bench.py --imagenet (README, Cost)
+
+
+def text_checkpointing(mode, tokens):
+    """--text_checkpoint for these prompts: on, off, or auto = on above TEXT_CHECKPOINT_POSITIONS positions."""
+    if mode == "auto":
+        return int((tokens.argmax(dim=-1) + 1).sum()) > TEXT_CHECKPOINT_POSITIONS  # each prompt up to its end token
+    return mode == "on"
+
+
+def text_features(model, tokens, device, precision, checkpoint=False):
+    """Normalised float32 features of tokenized prompts; checkpoint: recompute the text tower in backward."""
+    with autocast(device, precision):
+        features = model.encode_text(tokens.to(device), checkpoint=checkpoint)
     return F.normalize(features.float(), dim=-1)
 
 
 @torch.no_grad()
-def image_features(model, loader, device):
+def image_features(model, loader, device, precision):
     """Normalised image features and labels of a whole loader."""
     features, labels = [], []
     for images, target in loader:
-        with autocast(device):
+        with autocast(device, precision):
             features.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1))
         labels.append(target.to(device))
     return torch.cat(features), torch.cat(labels)
@@ -506,8 +533,8 @@ def accuracy(logits, labels):
 def zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=None):
     """Test accuracy of `model` on `dataset` with prompts from `template`; `cached` = precomputed image features."""
     model.eval()
-    text = text_features(model, class_prompts(dataset.classnames, template), device)
-    images, labels = cached or image_features(model, test_loader(dataset, preprocess, args), device)
+    text = text_features(model, class_prompts(dataset.classnames, template), device, args.precision)
+    images, labels = cached or image_features(model, test_loader(dataset, preprocess, args), device, args.precision)
     return accuracy(images @ text.t(), labels)
 
 
@@ -523,21 +550,28 @@ def train(model, dataset, args, device, resolution):
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
     total = args.n_iters * args.shots
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=1e-6)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    precision = resolve_precision(args.precision, device)
+    # fp16 needs loss scaling against gradient underflow, and skips a step whose gradients overflowed (official
+    # lora.py; GradScaler's defaults); bf16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
                               shuffle=True, workers=args.workers, seed=args.seed)
     tokens = class_prompts(dataset.classnames, dataset.template[0]).to(device)
+    checkpoint = text_checkpointing(args.text_checkpoint, tokens)
     if args.encoder == "vision":  # the text tower is frozen: its features never change
         with torch.no_grad():
-            fixed_text = text_features(model, tokens, device)
+            fixed_text = text_features(model, tokens, device, precision)
     iteration, window = 0, {"loss": 0.0, "correct": 0, "seen": 0, "iterations": 0}
     start = last_print = time.time()
     while iteration < total:
         model.train()
         for images, target in loader:
             images, target = images.to(device), target.to(device)
-            text = fixed_text if args.encoder == "vision" else text_features(model, tokens, device)
-            with autocast(device), torch.set_grad_enabled(args.encoder != "text"):
+            if args.encoder == "vision":
+                text = fixed_text
+            else:
+                text = text_features(model, tokens, device, precision, checkpoint)
+            with autocast(device, precision), torch.set_grad_enabled(args.encoder != "text"):
                 image = F.normalize(model.encode_image(images).float(), dim=-1)
             logits = LOGIT_SCALE * image @ text.t()
             loss = F.cross_entropy(logits, target)
@@ -583,7 +617,7 @@ def run_config(args, device):
     config.update(backbone=backbone_name(args.backbone), params=canonical_params(args.params),
                   blocks=args.blocks if args.method == "block" else None,
                   comp_ratio=args.comp_ratio if args.method == "comp" else None,
-                  precision="fp16" if device.type == "cuda" else "fp32")
+                  precision=resolve_precision(args.precision, device))
     return config
 
 
@@ -759,7 +793,7 @@ def run(args):
           f"({args.shots} shots), {len(dataset.test)} test images; device {device}")
 
     template = dataset.template[0]
-    test_cache = image_features(model, test_loader(dataset, preprocess, args), device)
+    test_cache = image_features(model, test_loader(dataset, preprocess, args), device, args.precision)
     zero_shot = zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=test_cache)
     print(f"zero-shot accuracy of the plain model: {zero_shot:.2f}")
     plain_others = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
