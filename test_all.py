@@ -495,12 +495,10 @@ class TestAdapters(unittest.TestCase):
                          ["visual.transformer.resblocks.2.attn.out_proj"])
 
 
-# ------------------------------------------------------------------------------------------ data.py
+# ------------------------------------------------------------------- text encoding and precision
 
-class TestTextEncodingAndPrecision(unittest.TestCase):
-    """Length-grouped text encoding, text-tower checkpointing, and the fp16 path (autocast + GradScaler) on CPU."""
-
-    PROMPTS = PROMPTS + ["a photo of a dog.", "a photo of a big red fire truck.", "a photo of a cat.", "ok"]
+class WithSyntheticData(unittest.TestCase):
+    """Base of the tests that train: the synthetic dataset, written once per class into a temporary folder."""
 
     @classmethod
     def setUpClass(cls):
@@ -510,6 +508,12 @@ class TestTextEncodingAndPrecision(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.tmp.cleanup()
+
+
+class TestTextEncodingAndPrecision(WithSyntheticData):
+    """Length-grouped text encoding, text-tower checkpointing, and the fp16 path (autocast + GradScaler) on CPU."""
+
+    PROMPTS = PROMPTS + ["a photo of a dog.", "a photo of a big red fire truck.", "a photo of a cat.", "ok"]
 
     def full_context(self, model, tokens):
         """Text features over all 77 positions, as openai/CLIP computes them (no truncation, no groups)."""
@@ -630,6 +634,8 @@ class TestTextEncodingAndPrecision(unittest.TestCase):
         self.assertEqual(scaler.get_scale(), 2.0 ** 96)  # halved at each of the 4 skipped steps
         self.assertTrue(all(torch.equal(before[n], after[n]) for n in before))
 
+
+# ------------------------------------------------------------------------------------------ data.py
 
 def reference_draw(split, shots, seed):
     """The CLIP-LoRA few-shot protocol restated: seed, then for val (min(shots, 4)) and then train, group by label
@@ -974,16 +980,7 @@ def quiet(function, *args):
         return function(*args), buffer.getvalue()
 
 
-class TestTrain(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.root = data.write_synthetic(os.path.join(cls.tmp.name, "data"))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
-
+class TestTrain(WithSyntheticData):
     def args(self, *extra, out="out"):
         return train.parse_args(["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4",
                                  "--n_iters", "8", "--lr", "5e-3", "--workers", "0", "--print_every", "8",
