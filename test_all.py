@@ -1142,7 +1142,8 @@ class TestTrain(WithSyntheticData):
         """Disk full or Ctrl-C at each system call of a save: the earlier set stays whole (or, once the new set is
         committed, the new one is whole), and no temporary or backup file is left."""
         faults = os.path.join(self.tmp.name, "faults")
-        folder, log, export = os.path.join(faults, "run"), os.path.join(faults, "results.jsonl"), os.path.join(faults, "merged.pt")
+        folder, log = os.path.join(faults, "run"), os.path.join(faults, "results.jsonl")
+        export = os.path.join(faults, "merged.pt")
 
         def save(tag):
             files = [(export, lambda f: f.write(b"merged " + tag)),
@@ -1393,7 +1394,8 @@ class TestCommandLine(unittest.TestCase):
             (dataset("corrupted_train") + ["--workers", "1"], "(SyntaxError: broken PNG file"),
             (["--method", "block", "--blocks", "7"], "--blocks 7: visual.transformer.resblocks.0.attn.q_proj has 128 "
                                                       "inputs, not divisible by 7"),
-            (["--save_path", os.path.join(t, "afile", "out")], f"output directory {t}/afile/out/eurosat/lora/4shots/seed1: cannot write ({t}/afile is a file)"),
+            (["--save_path", os.path.join(t, "afile", "out")],
+             f"output directory {t}/afile/out/eurosat/lora/4shots/seed1: cannot write ({t}/afile is a file)"),
             (["--save_path", os.path.join(t, "saved"), "--r", "4"], "seed1 holds a run with r 2, this run has r 4; "
                                                                     "choose another --save_path, or pass --overwrite"),
             (["--save_path", os.path.join(t, "saved"), "--eval_only"], f"{t}/saved/eurosat/lora/4shots/seed1/adapter.pt: "

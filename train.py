@@ -648,7 +648,8 @@ def check_args(args):
     """Every flag and cheap precondition, before any download, data pass or folder creation; returns the device."""
     if args.method not in METHODS:
         raise UserError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    for flag, names in (("dataset", [args.dataset]), ("eval_datasets", list(filter(None, args.eval_datasets.split(","))))):
+    eval_datasets = list(filter(None, args.eval_datasets.split(",")))
+    for flag, names in (("dataset", [args.dataset]), ("eval_datasets", eval_datasets)):
         for name in names:
             if name not in data.DATASETS and name != "synthetic":
                 raise UserError(f"--{flag} {name!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
@@ -715,7 +716,7 @@ def check_output_folder(directory):
 def check_run_identity(out, config, overwrite):
     """Refuse to replace a saved run of another configuration (unless --overwrite); same config: replace."""
     path = os.path.join(out, "results.json")
-    if overwrite or not os.path.lexists(path) and not os.path.lexists(os.path.join(out, "adapter.pt")):
+    if overwrite or not (os.path.lexists(path) or os.path.lexists(os.path.join(out, "adapter.pt"))):
         return
     hint = "choose another --save_path, or pass --overwrite to replace it"
     try:
@@ -837,7 +838,8 @@ def run(args):
     if evaluate_only:
         save_files(files)
         return results
-    files += [(os.path.join(out, "adapter.pt"), lambda f: write_adapters(f, model, config)),  # merging leaves lora_ as is
+    # merging (for the export) changed only the frozen weights: the lora_ tensors saved here are as trained
+    files += [(os.path.join(out, "adapter.pt"), lambda f: write_adapters(f, model, config)),
               (os.path.join(out, "results.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))]
     save_files(files, log=(os.path.join(args.save_path, "results.jsonl"), json.dumps(results) + "\n"),
                before_commit=lambda: check_run_identity(out, identity, args.overwrite))
