@@ -1661,11 +1661,11 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertEqual(os.listdir(folder), ["few_shot.png"])  # no temporary file left
-        for target, reason in ((os.path.join(self.tmp, "missing", "a.png"), "cannot write"),
+        for target, reason in ((os.path.join(self.tmp, "missing", "a.png"), "folder .* does not exist"),
                                (folder + ".png", None), (os.path.join(folder, "a.pdf"), "ending in .png")):
             if reason is None:  # a folder named like a PNG
                 os.makedirs(target)
-                reason = "cannot write"
+                reason = "is a folder"
             with self.assertRaisesRegex(train.UserError, rf"^--plot {target}: .*{reason}") as raised:
                 summarized(self.tmp, plot=target)
             self.assertNotIn("\n", str(raised.exception))

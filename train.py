@@ -612,12 +612,12 @@ RUN_FIELDS = ("dataset", "shots", "method", "backbone", "r", "alpha", "dropout_r
 
 def run_config(args, device):
     """Every setting that changes a run's result (not the seed, paths, device, workers or printing): what
-    --summarize groups by, and what a run folder may only be replaced with (unless --overwrite)."""
-    config = {field: getattr(args, field, None) for field in RUN_FIELDS}
-    config.update(backbone=backbone_name(args.backbone), params=canonical_params(args.params),
-                  blocks=args.blocks if args.method == "block" else None,
-                  comp_ratio=args.comp_ratio if args.method == "comp" else None,
-                  precision=resolve_precision(args.precision, device))
+    --summarize groups by, and what a run folder may only be replaced with (unless --overwrite). The adapter's
+    settings come from adapter_config, the others from the flags."""
+    adapter = adapter_config(args)
+    config = {field: adapter[field] if field in adapter else getattr(args, field) for field in RUN_FIELDS
+              if field != "precision"}
+    config["precision"] = resolve_precision(args.precision, device)
     return config
 
 
@@ -1081,19 +1081,7 @@ def plot_summary(groups, path):
         ax.axis("off")
     axes[len(titles)].legend(*axes[len(datasets)].get_legend_handles_labels(), loc="center", fontsize=8)
     figure.tight_layout()
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            figure.savefig(f, format="png", dpi=100)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        raise UserError(f"--plot {path}: cannot write ({error.strerror or error})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_files([(path, lambda f: figure.savefig(f, format="png", dpi=100))])
 
 
 def summarize(directory, fmt="text", plot=None):
@@ -1103,6 +1091,8 @@ def summarize(directory, fmt="text", plot=None):
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if plot is not None and not plot.lower().endswith(".png"):
         raise UserError(f"--plot {plot}: expected a file name ending in .png")
+    if plot is not None:
+        check_new_file(plot, "--plot")
     groups = summary_groups(read_results(directory))
     if plot is not None:
         plot_summary(groups, plot)
