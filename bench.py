@@ -185,7 +185,8 @@ def measure_method(method, device, batch, classes, steps, warmup):
     if method != "none":
         variants["unmerged"] = model.eval()
         variants["merged"] = copy.deepcopy(model)
-        train.merge_all([layer for layer in variants["merged"].modules() if hasattr(layer, "merge")])
+        for layer in [layer for layer in variants["merged"].modules() if hasattr(layer, "merge")]:
+            layer.merge()
     with torch.no_grad(), train.autocast(device, "auto"):
         seconds = timed({name: (lambda m=m: m.encode_image(images)) for name, m in variants.items()},
                         device, steps, warmup)

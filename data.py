@@ -431,17 +431,18 @@ class PassSampler(torch.utils.data.Sampler):
     not depend on which worker process loads which sample (any --workers gives the same run)."""
 
     def __init__(self, size, shuffle, seed):
-        self.size, self.shuffle, self.seed, self.passes = size, shuffle, seed, 0
+        self.size, self.shuffle, self.seed, self.passes, self.skip = size, shuffle, seed, 0, 0
 
     def __len__(self):
         return self.size
 
     def __iter__(self):
+        """The next pass's keys; its first `skip` keys are left out once (the batches a resumed run has trained)."""
         p, self.passes = self.passes, self.passes + 1
-        if not self.shuffle:
-            return ((p, index) for index in range(self.size))
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(_sample_seed(self.seed, p)))
-        return ((p, index) for index in order.tolist())
+        generator = torch.Generator().manual_seed(_sample_seed(self.seed, p))
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        skip, self.skip = self.skip, 0
+        return ((p, index) for index in order.tolist()[skip:])
 
 
 class ImageList(torch.utils.data.Dataset):

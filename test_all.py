@@ -32,6 +32,7 @@ import block_lora
 import clip_model
 import comp_lora
 import data
+import results
 import train
 from block_lora import BlockLoRALinear
 from comp_lora import LoRALinear, _complement_bases
@@ -345,7 +346,8 @@ class TestAdapters(unittest.TestCase):
             model, layers = adapted(method, ("q", "k", "v", "o"))
             randomize_b(layers)
             unmerged = features(model.eval(), self.images, self.tokens)
-            train.merge_all(layers)
+            for layer in layers:
+                layer.merge()
             merged = features(model, self.images, self.tokens)
             self.assertLessEqual(max_rel_err(merged, unmerged), 1e-5, method)
             for layer in layers:
@@ -383,7 +385,7 @@ class TestAdapters(unittest.TestCase):
             config = train.adapter_config(train.parse_args(["--method", method, "--backbone", "tiny"]))
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "adapter.pt")
-                train.save_adapters(path, model, config)
+                torch.save(results.adapter_file(config, train.adapter_tensors(model)), path)
                 fresh, _ = adapted(method, seed=5)  # other lora_A values and zero lora_B, to be overwritten
                 self.assertFalse(torch.equal(features(fresh.eval(), self.images, self.tokens), expected))
                 train.load_adapters(path, fresh, config)
@@ -428,9 +430,11 @@ class TestAdapters(unittest.TestCase):
         model, layers = adapted("lora", ("q", "k", "v", "o"))
         randomize_b(layers)
         merged = copy.deepcopy(model)
-        train.merge_all([m for m in merged.modules() if isinstance(m, LoRALinear)])
+        for layer in [m for m in merged.modules() if isinstance(m, LoRALinear)]:
+            layer.merge()
         ref = RefCLIP(clip_model.TINY_CONFIG)
-        ref.load_state_dict(train.merged_state_dict(merged), strict=True)
+        plain = {k.replace(".base.", "."): v for k, v in merged.state_dict().items() if ".lora_" not in k}
+        ref.load_state_dict(clip_model.fuse_attention(plain), strict=True)
         ours = features(model.eval(), self.images, self.tokens)
         theirs = torch.cat([F.normalize(ref.encode_image(self.images), dim=-1),
                             F.normalize(ref.encode_text(self.tokens), dim=-1)]).detach()
@@ -983,7 +987,7 @@ def quiet(function, *args):
 class TestTrain(WithSyntheticData):
     def args(self, *extra, out="out"):
         return train.parse_args(["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4",
-                                 "--n_iters", "8", "--lr", "5e-3", "--workers", "0", "--print_every", "8",
+                                 "--n_iters", "8", "--lr", "5e-3", "--workers", "0", "--print_every", "8", "--device", "cpu",
                                  "--save_path", os.path.join(self.tmp.name, out), *extra])
 
     def test_each_method_learns_saves_and_reevaluates(self):
@@ -1024,9 +1028,9 @@ class TestTrain(WithSyntheticData):
         results, _ = quiet(train.run, args)
         metadata = {"r": 2, "alpha": 1, "encoder": "both", "params": ["q", "k", "v"], "position": "all"}
         theirs = os.path.join(self.tmp.name, "theirs")
-        path = train.clip_lora_path(theirs, "tiny", "eurosat", 4, 1)
+        path = results.clip_lora_path(theirs, "tiny", "eurosat", 4, 1)
         self.assertEqual(path, os.path.join(theirs, "tiny", "eurosat", "4shots", "seed1", "lora_weights.pt"))
-        self.assertEqual(train.clip_lora_path("s", "ViT-B/16", "dtd", 16, 2, "f"), "s/vitb16/dtd/16shots/seed2/f.pt")
+        self.assertEqual(results.clip_lora_path("s", "ViT-B/16", "dtd", 16, 2, "f"), "s/vitb16/dtd/16shots/seed2/f.pt")
         os.makedirs(os.path.dirname(path))
         torch.save(clip_lora_layout(self.saved_model(args), metadata), path)
         again, printed = quiet(train.run, self.args("--n_iters", "1", "--eval_only", out="theirs"))
@@ -1101,24 +1105,125 @@ class TestTrain(WithSyntheticData):
             quiet(train.run, args)
         self.assertFalse(os.path.exists(train.run_dir(args)))
 
-    def test_real_sigint_mid_training_keeps_earlier_results(self):
-        save_path = os.path.join(self.tmp.name, "sigint")
+    def test_ctrl_c_and_sigterm_stop_with_the_shell_codes_and_resume_gives_the_same_bytes(self):
+        save_path = os.path.join(self.tmp.name, "signals")
         base = ["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4", "--workers", "0",
-                "--lr", "5e-3", "--save_path", save_path]
-        earlier = self.args("--n_iters", "1", out="sigint")
+                "--lr", "5e-3", "--save_path", save_path, "--device", "cpu", "--batch_size", "4", "--print_every", "1"]
+        earlier = self.args("--n_iters", "1", out="signals")
         quiet(train.run, earlier)
         before = tree_state(save_path)
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *base, "--n_iters", "100000", "--overwrite",
-                                    "--print_every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in process.stdout:  # wait until training runs
-            if line.startswith("iter 2/"):
-                break
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-        self.assertEqual(process.returncode, 130, err)
-        self.assertIn("interrupted", err)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(tree_state(save_path), before)
+        for number, code, flags in ((signal.SIGINT, 130, ["--checkpoint_every", "0", "--overwrite"]),
+                                    (signal.SIGTERM, 143, ["--n_iters", "10"])):
+            process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *base, "--n_iters", "100000",
+                                        *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for line in process.stdout:  # wait until training runs
+                if line.startswith("iter 3/"):
+                    break
+            process.send_signal(number)
+            _, err = process.communicate(timeout=120)
+            self.assertEqual(process.returncode, code, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertTrue(err.startswith("interrupted"), err)
+            self.assertEqual(tree_state(save_path), before)  # earlier results unchanged
+        # the SIGTERM run (another configuration: n_iters 10) left its checkpoint; --resume finishes it
+        self.assertRegex(err, r"^interrupted at iteration \d+/40; continue with --resume")
+        checkpoint = train.run_dir(earlier) + train.CHECKPOINT
+        self.assertTrue(os.path.isfile(checkpoint))
+        resumed, printed = quiet(train.run, train.parse_args(base[:-2] + ["--n_iters", "10", "--resume", "--overwrite",
+                                                                          "--workers", "2"]))
+        self.assertIn(f"resuming {checkpoint} at iteration", printed)
+        self.assertFalse(os.path.exists(checkpoint))  # removed once the run is saved
+        with open(os.path.join(train.run_dir(earlier), "adapter.pt"), "rb") as f:
+            resumed_bytes = f.read()
+        whole = train.parse_args(base[:-2] + ["--n_iters", "10", "--save_path", os.path.join(self.tmp.name, "whole")])
+        quiet(train.run, whole)
+        with open(os.path.join(train.run_dir(whole), "adapter.pt"), "rb") as f:
+            self.assertEqual(f.read(), resumed_bytes)
+
+    def test_resume_at_any_iteration_is_bit_identical(self):
+        """Stopped inside the first pass, exactly at a pass boundary and later (4 batches a pass), resumed with other
+        --workers: the same adapter.pt bytes as the uninterrupted run."""
+        flags = ["--n_iters", "3", "--batch_size", "4", "--dropout_rate", "0.5"]
+        whole = self.args(*flags, out="whole")
+        quiet(train.run, whole)
+        with open(os.path.join(train.run_dir(whole), "adapter.pt"), "rb") as f:
+            expected = f.read()
+        real_step = torch.optim.lr_scheduler.CosineAnnealingLR.step
+        for stop_at in (2, 4, 7):
+            calls = itertools.count(1)
+
+            def step(scheduler):  # a signal during iteration `stop_at` (the first call is the constructor's)
+                if next(calls) == stop_at + 1:
+                    train.STOP["signal"] = signal.SIGTERM
+                return real_step(scheduler)
+            args = self.args(*flags, out=f"stop{stop_at}")
+            with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
+                with self.assertRaises(train.Stopped) as stopped:
+                    quiet(train.run, args)
+            self.assertEqual(stopped.exception.args, (signal.SIGTERM, f"at iteration {stop_at}/12; continue with "
+                                                                      "--resume"))
+            self.assertFalse(os.path.exists(train.run_dir(args)))
+            quiet(train.run, self.args(*flags, "--resume", "--workers", "2" if stop_at % 2 else "0", out=f"stop{stop_at}"))
+            with open(os.path.join(train.run_dir(args), "adapter.pt"), "rb") as f:
+                self.assertEqual(f.read(), expected, stop_at)
+        _, printed = quiet(train.run, self.args(*flags, "--resume", out="fresh"))
+        self.assertIn("no checkpoint", printed)
+        calls = itertools.count(1)
+        with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
+            with self.assertRaises(train.Stopped):
+                quiet(train.run, self.args(*flags, out="other"))
+        with self.assertRaisesRegex(train.UserError, r"seed1.checkpoint.pt: a checkpoint with lr 0.005, this run has "
+                                                     r"lr 0.001; run without --resume to start anew"):
+            quiet(train.run, self.args(*flags, "--lr", "1e-3", "--resume", out="other"))
+
+    def test_skip_done_exits_before_loading_anything(self):
+        args = self.args("--n_iters", "1", out="done")
+        quiet(train.run, args)
+        with mock.patch.object(clip_model, "load", side_effect=AssertionError("loaded")), \
+                mock.patch.object(data, "build_dataset", side_effect=AssertionError("read data")):
+            result, printed = quiet(train.run, self.args("--n_iters", "1", "--skip_done", out="done"))
+            self.assertIsNone(result)
+            self.assertEqual(printed, f"done: {train.run_dir(args)}\n")
+            with self.assertRaisesRegex(AssertionError, "read data"):  # another configuration is not done
+                quiet(train.run, self.args("--n_iters", "2", "--skip_done", "--overwrite", out="done"))
+
+    def test_torn_log_line_and_huge_results_file(self):
+        args = self.args("--n_iters", "1", out="torn")
+        os.makedirs(args.save_path)
+        with open(os.path.join(args.save_path, "results.jsonl"), "w") as f:
+            f.write('{"accuracy": 1')  # a crash of an older version, a full disk, a hand edit
+        quiet(train.run, args)
+        with open(os.path.join(args.save_path, "results.jsonl")) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(lines[0], '{"accuracy": 1')
+        self.assertEqual(json.loads(lines[1])["config"]["dataset"], "eurosat")
+        huge = os.path.join(args.save_path, "copy", "results.json")
+        os.makedirs(os.path.dirname(huge))
+        with open(huge, "wb") as f:
+            f.truncate(results.MAX_RESULTS_BYTES + 1)  # sparse: a large file without the disk space
+        with mock.patch("json.loads", wraps=json.loads) as loads:
+            table, err = summarized(args.save_path)
+        self.assertEqual(loads.call_count, 1)  # the good file only
+        self.assertEqual(err, [f"skipped {huge}: {results.MAX_RESULTS_BYTES + 1:,d} bytes, more than a results file "
+                               f"holds ({results.MAX_RESULTS_BYTES:,d}); not read"])
+
+    def test_fp16_skips_a_non_finite_loss_and_stops_after_a_run_of_them(self):
+        real = F.cross_entropy
+        for precision, nan_at, outcome in (("fp16", {2}, None), ("fp32", {2}, "loss became nan at iteration 2/8"),
+                                           ("fp16", {2, 3, 4}, r"loss became nan at iteration 4/8 \(3 steps in a row\)")):
+            calls = itertools.count(1)
+
+            def loss(*args, **kwargs):
+                value = real(*args, **kwargs)
+                return value * math.nan if next(calls) in nan_at else value
+            args = self.args("--n_iters", "2", "--precision", precision, out=f"nan{precision}{len(nan_at)}")
+            with mock.patch.object(train.F, "cross_entropy", loss), mock.patch.object(train, "MAX_SKIPPED_STEPS", 3):
+                if outcome:
+                    with self.assertRaisesRegex(train.UserError, outcome):
+                        quiet(train.run, args)
+                else:
+                    results_, printed = quiet(train.run, args)
+                    self.assertIn("iter 8/8", printed)
 
     def test_other_configuration_is_refused_and_overwrite_replaces(self):
         first = self.args("--n_iters", "1", out="identity")
@@ -1140,23 +1245,22 @@ class TestTrain(WithSyntheticData):
 
     def test_a_fault_at_any_save_step_keeps_the_previous_set(self):
         """Disk full or Ctrl-C at each system call of a save: the earlier set stays whole (or, once the new set is
-        committed, the new one is whole), and no temporary or backup file is left."""
+        committed, the new one is whole), and what a fault leaves behind is cleaned by the next save's recovery."""
         faults = os.path.join(self.tmp.name, "faults")
         folder, log = os.path.join(faults, "run"), os.path.join(faults, "results.jsonl")
-        export = os.path.join(faults, "merged.pt")
 
         def save(tag):
-            files = [(export, lambda f: f.write(b"merged " + tag)),
-                     (os.path.join(folder, "adapter.pt"), lambda f: f.write(b"adapter " + tag)),
-                     (os.path.join(folder, "results.json"), lambda f: f.write(b"results " + tag))]
-            train.save_files(files, log=(log, tag.decode() + "\n"))
+            results.save(folder, {"adapter.pt": lambda f: f.write(b"adapter " + tag),
+                                  "results.json": lambda f: f.write(b"results " + tag)}, log=(log, tag.decode() + "\n"))
 
         save(b"old")
+        with open(os.path.join(folder, "notes.txt"), "w") as f:  # a user's own file in the run folder stays
+            f.write("mine")
         before = tree_state(faults)
-        after = {**before, "merged.pt": b"merged new", "run/adapter.pt": b"adapter new",
-                 "run/results.json": b"results new", "results.jsonl": b"old\nnew\n"}
+        after = {**before, "run/adapter.pt": b"adapter new", "run/results.json": b"results new",
+                 "results.jsonl": b"old\nnew\n"}
         for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
-            kept = 0
+            outcomes = []
             for fault in itertools.count():
                 calls = itertools.count()
 
@@ -1167,28 +1271,63 @@ class TestTrain(WithSyntheticData):
                         return real(*args, **kwargs)
                     return call
                 with contextlib.ExitStack() as stack:
-                    for name in ("fsync", "replace", "write", "open", "mkdir", "ftruncate"):
+                    for name in ("fsync", "replace", "write", "open", "mkdir", "ftruncate", "link", "rmdir", "unlink"):
                         stack.enter_context(mock.patch(f"os.{name}", failing(getattr(os, name))))
                     try:
                         save(b"new")
-                        finished = True
-                    except (train.UserError, KeyboardInterrupt) as raised:
-                        finished = False
+                    except (results.UserError, KeyboardInterrupt) as raised:
                         if isinstance(error, OSError):
-                            self.assertIsInstance(raised, train.UserError)
+                            self.assertIsInstance(raised, results.UserError)
                             self.assertRegex(str(raised), r"cannot write \(No space left on device\); nothing was saved")
+                with contextlib.redirect_stderr(io.StringIO()):
+                    results.recover(folder)  # what the next run does first
                 state = tree_state(faults)
                 self.assertIn(state, (before, after), (error, fault))
-                kept += state == before
+                outcomes.append(state == before)
                 if state == after:  # put the old set back for the next fault
-                    with open(log, "w") as f:
-                        f.write("")
+                    shutil.rmtree(folder)
+                    os.remove(log)
                     save(b"old")
+                    with open(os.path.join(folder, "notes.txt"), "w") as f:
+                        f.write("mine")
                     self.assertEqual(tree_state(faults), before)
-                if finished:
+                if next(calls) <= fault:  # the save made fewer calls: every one of them has failed once
                     break
-            # 3 file fsyncs, the log's open, 6 renames (3 backups, 3 new files), its write and fsync: each kept the old set
-            self.assertEqual(kept, 12, error)
+            self.assertGreater(outcomes.count(True), 5, error)  # faults before the commit keep the old set
+            self.assertFalse(outcomes[-1], error)
+
+    def test_a_kill_at_any_rename_leaves_a_whole_set(self):
+        """SIGKILL at the k-th rename of a save: the folder holds the old or the new set, and the next run's
+        recovery puts the old one back where none is, and removes the leftovers."""
+        kills = os.path.join(self.tmp.name, "kills")
+        folder = os.path.join(kills, "run")
+        script = ("import os, signal, sys, results\n"
+                  "calls = [0]\n"
+                  "def killing(real):\n"
+                  "    def call(*args):\n"
+                  "        calls[0] += 1\n"
+                  "        if calls[0] == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "        return real(*args)\n"
+                  "    return call\n"
+                  "os.replace, os.fsync = killing(os.replace), killing(os.fsync)\n"
+                  "tag = sys.argv[3].encode()\n"
+                  "results.save(sys.argv[1], {'adapter.pt': lambda f: f.write(b'a' + tag), "
+                  "'results.json': lambda f: f.write(b'r' + tag)}, log=(sys.argv[1] + '.jsonl', sys.argv[3] + '\\n'))\n")
+        # calls of the second save: 1-2 fsync the files, 3 the staged folder, 4 set the old folder aside, 5 rename
+        # the new one into place, 6 fsync the log line, 7 the parent folder; 8 never comes
+        for kill_at in range(3, 9):
+            shutil.rmtree(kills, ignore_errors=True)
+            subprocess.run([sys.executable, "-c", script, folder, "0", "old"], check=True, cwd=HERE)
+            process = subprocess.run([sys.executable, "-c", script, folder, str(kill_at), "new"], cwd=HERE)
+            self.assertEqual(process.returncode, 0 if kill_at == 8 else -signal.SIGKILL)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                results.recover(folder)
+            self.assertEqual(sorted(os.listdir(kills)), ["run", "run.jsonl"], kill_at)
+            tag = b"old" if kill_at <= 5 else b"new"
+            self.assertEqual(tree_state(folder), {".": None, "adapter.pt": b"a" + tag, "results.json": b"r" + tag},
+                             kill_at)
+            self.assertEqual(bool(err.getvalue()), kill_at in (3, 4, 5, 6), kill_at)
 
     def test_disk_full_during_a_run_is_one_line_and_keeps_earlier_results(self):
         first = self.args("--n_iters", "1", out="diskfull")
@@ -1298,6 +1437,12 @@ class TestCommandLine(unittest.TestCase):
         state["visual.ln_post.weight"] = torch.ones(5)
         torch.save(state, os.path.join(tmp, "badshape.pt"))
         open(os.path.join(tmp, "afile"), "w").close()
+        os.symlink(os.path.join(tmp, "adapter_r4.pt"), os.path.join(tmp, "link.pt"))
+        os.makedirs(os.path.join(tmp, "badcheckpoint", "eurosat", "lora", "4shots"))
+        with open(os.path.join(tmp, "badcheckpoint", "eurosat", "lora", "4shots", "seed1.checkpoint.pt"), "w") as f:
+            f.write("torn")
+        os.makedirs(os.path.join(tmp, "saved"))
+        open(os.path.join(tmp, "saved", "results.jsonl"), "w").close()
         os.makedirs(os.path.join(tmp, "empty"))
         os.makedirs(os.path.join(tmp, "nosplit", "eurosat", "2750"))
         os.makedirs(os.path.join(tmp, "mine"))
@@ -1409,6 +1554,20 @@ class TestCommandLine(unittest.TestCase):
             (["--export_merged", os.path.join(t, "nofolder", "m.pt")], f"--export_merged {t}/nofolder/m.pt: folder"),
             (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: is a folder"),
             (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
+            (["--method", "comp", "--comp_ratio", "0.999"], "--comp_ratio 0.999: visual.transformer.resblocks.0.attn."
+                                                            "q_proj would keep no direction to train (k = 128 of 128); "
+                                                            "at most 0.9921875"),
+            (["--save_path", os.path.join(t, "saved"), "--eval_only", "--export_merged",
+              os.path.join(t, "saved", "eurosat", "lora", "4shots", "seed1", "adapter.pt")],
+             "/seed1/adapter.pt, which --save_path names; choose another file"),
+            (["--save_path", os.path.join(t, "saved"), "--export_merged", os.path.join(t, "saved", "results.jsonl")],
+             "results.jsonl, which --save_path names"),
+            (adapter("r4") + ["--export_merged", os.path.join(t, "link.pt")], f"which --adapter names"),
+            (["--backbone", os.path.join(t, "badshape.pt"), "--export_merged", os.path.join(t, "badshape.pt")],
+             "which --backbone names"),
+            (["--checkpoint_every", "-1"], "--checkpoint_every -1: expected 0 or more"),
+            (["--save_path", os.path.join(t, "badcheckpoint"), "--resume"], "seed1.checkpoint.pt: not a readable "
+                                                                             "checkpoint"),
             (["--summarize", os.path.join(t, "empty")], f"{t}/empty: no results.json found"),
         ]
 
@@ -1429,7 +1588,7 @@ class TestCommandLine(unittest.TestCase):
 
     def test_each_mistake_is_one_line_and_writes_nothing(self):
         base = ["--backbone", "tiny", "--dataset", "eurosat", "--root", self.root, "--shots", "4", "--n_iters", "1",
-                "--workers", "0"]
+                "--workers", "0", "--device", "cpu"]
         before = tree_state(self.tmp)
 
         def run(case):
@@ -1474,10 +1633,10 @@ def mean_std(values):
 
 
 def summarized(*args, **kwargs):
-    """(table, stderr lines) of train.summarize."""
+    """(table, stderr lines) of results.summarize."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        table = train.summarize(*args, **kwargs)
+        table = results.summarize(*args, **kwargs)
     return table, err.getvalue().splitlines()
 
 
@@ -1577,7 +1736,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         empty = os.path.join(self.tmp, "empty")
         os.makedirs(empty)
         with self.assertRaisesRegex(train.UserError, rf"^{empty}: no results.json found$"):
-            train.summarize(empty)
+            results.summarize(empty)
         broken = os.path.join(self.tmp, "broken")
         write_result(broken, "a", 1, 50.0)
         with open(os.path.join(broken, "a", "results.json"), "w") as f:
@@ -1696,42 +1855,36 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
             self.assertEqual(list(clip_model._position_blocks(position, 24)), list(blocks), position)
 
     def test_clip_lora_path(self):
-        self.assertEqual(train.clip_lora_path("runs", "ViT-B/16", "dtd", 16, 1),
+        self.assertEqual(results.clip_lora_path("runs", "ViT-B/16", "dtd", 16, 1),
                          os.path.join("runs", "vitb16", "dtd", "16shots", "seed1", "lora_weights.pt"))
-        self.assertEqual(train.clip_lora_path("/s", "ViT-L/14@336px", "fgvc", 4, 3, filename="w"),
+        self.assertEqual(results.clip_lora_path("/s", "ViT-L/14@336px", "fgvc", 4, 3, filename="w"),
                          "/s/vitl14@336px/fgvc/4shots/seed3/w.pt")
 
     def test_clip_lora_file_maps_back_to_our_tensors(self):
-        depths = {"text": 3, "vision": 3}
         for encoder, position, projections in (("both", "all", ("q", "k", "v", "o")), ("both", "up", ("v", "q")),
                                                ("vision", "half-bottom", ("o",)), ("text", "all", ("k",))):
             model, layers = adapted("lora", projections, encoder=encoder, position=position)
             randomize_b(layers)
             metadata = {"r": 2, "alpha": 1, "encoder": encoder, "params": list(projections), "position": position}
-            with tempfile.NamedTemporaryFile(suffix=".pt") as f:  # the file loads with weights_only=True
-                torch.save(clip_lora_layout(model, metadata), f.name)
-                saved = torch.load(f.name, map_location="cpu", weights_only=True)
-            self.assertTrue(train.is_clip_lora(saved))
-            config, tensors = train.from_clip_lora(saved, "their.pt", depths)
-            self.assertEqual(config, {"method": "lora", "r": 2, "alpha": 1.0, "scaling_rule": "alpha/sqrt(r)",
-                                      "blocks": None, "comp_ratio": None, "encoder": encoder, "position": position,
-                                      "params": list(projections)})
-            ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
-            self.assertEqual(sorted(tensors), sorted(ours))
-            for key, tensor in ours.items():
-                self.assertTrue(torch.equal(tensors[key], tensor), key)
-            fresh, _ = adapted("lora", projections, encoder=encoder, position=position, seed=5)
-            missing, unexpected = fresh.load_state_dict(tensors, strict=False)
-            self.assertEqual(unexpected, [])
+            flags = ["--backbone", "tiny", "--encoder", encoder, "--position", position, "--params", *projections]
+            config = train.adapter_config(train.parse_args(flags))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "lora_weights.pt")
+                torch.save(clip_lora_layout(model, metadata), path)
+                fresh, _ = adapted("lora", projections, encoder=encoder, position=position, seed=5)
+                train.load_adapters(path, fresh, config)
+            ours = train.adapter_tensors(model)
+            self.assertEqual(sorted(train.adapter_tensors(fresh)), sorted(ours))
+            for key, tensor in train.adapter_tensors(fresh).items():
+                self.assertTrue(torch.equal(ours[key], tensor), key)
             self.assertTrue(torch.equal(features(fresh.eval(), torch.ones(1, 3, 32, 32), clip_model.tokenize("x")),
                                         features(model.eval(), torch.ones(1, 3, 32, 32), clip_model.tokenize("x"))))
-        self.assertFalse(train.is_clip_lora({"config": {}, "state_dict": {}}))
 
     def test_malformed_clip_lora_files_are_refused_naming_the_key(self):
         model, layers = adapted("lora", ("q", "v"))
         good = clip_lora_layout(model, {"r": 2, "alpha": 1, "encoder": "both", "params": ["q", "v"],
                                         "position": "all"})
-        depths = {"text": 3, "vision": 3}
+        config = train.adapter_config(train.parse_args(["--backbone", "tiny", "--params", "q", "v"]))
 
         def variant(change):
             saved = copy.deepcopy(good)
@@ -1739,28 +1892,43 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
             return saved
 
         cases = [
-            (lambda s: s["metadata"].pop("alpha"), r"metadata\['alpha'\] is missing"),
+            (lambda s: s["metadata"].pop("alpha"), r"metadata\['alpha'\] is None, but this run has alpha 1.0"),
             (lambda s: s["metadata"].update(params=["q", "x"]), r"metadata\['params'\] is \['q', 'x'\]"),
             (lambda s: s["metadata"].update(position="top"), r"metadata\['position'\] is 'top'"),
+            (lambda s: s["metadata"].update(rank=2), r"CLIP-LoRA adapter file: metadata\['rank'\] is not a field"),
             (lambda s: s["weights"]["layer_2"].update(o_proj=s["weights"]["layer_2"]["q_proj"]),
-             r"weights\['layer_2'\]\['o_proj'\] is not expected"),
-            (lambda s: s["weights"]["layer_4"].pop("v_proj"), r"weights\['layer_4'\]\['v_proj'\] is missing"),
-            (lambda s: s["weights"].pop("layer_5"), r"weights\['layer_5'\] is missing: .* adapt 6 attention"),
-            (lambda s: s["weights"].update(layer_6=s["weights"]["layer_0"]), r"weights\['layer_6'\] is not expected"),
+             r"unexpected tensor weights\['layer_2'\]\['o_proj'\]\['w_lora_A'\]"),
+            (lambda s: s["weights"]["layer_4"].pop("v_proj"),
+             r"adapter tensor weights\['layer_4'\]\['v_proj'\]\['w_lora_A'\] is missing"),
+            (lambda s: s["weights"].pop("layer_5"), r"weights\['layer_5'\]\['q_proj'\]\['w_lora_A'\] is missing"),
+            (lambda s: s["weights"].update(layer_6=s["weights"]["layer_0"]),
+             r"unexpected tensor weights\['layer_6'\]\['q_proj'\]\['w_lora_A'\]"),
             (lambda s: s["weights"]["layer_1"]["q_proj"].update(w_lora_A=torch.zeros(3, 128)),
-             r"weights\['layer_1'\]\['q_proj'\]\['w_lora_A'\] is \(3, 128\)"),
-            (lambda s: s.pop("metadata"), r"'metadata' is missing"),
+             r"tensor weights\['layer_1'\]\['q_proj'\]\['w_lora_A'\] has shape \(3, 128\), expected \(2, 128\)"),
+            (lambda s: s["weights"]["layer_1"]["q_proj"].update(w_lora_B=torch.zeros(128, 2, dtype=torch.long)),
+             r"tensor weights\['layer_1'\]\['q_proj'\]\['w_lora_B'\] has shape \(128, 2\) of torch.int64"),
+            (lambda s: s["weights"]["layer_1"].update(q_proj=[1]), r"unexpected tensor weights\['layer_1'\]\['q_proj'\]\['\?'\]"),
+            (lambda s: s.pop("metadata"), r"metadata\['r'\] is None"),
         ]
-        for change, pattern in cases:
-            with self.assertRaises(train.UserError) as raised:
-                train.from_clip_lora(variant(change), "their.pt", depths)
-            message = str(raised.exception)
-            self.assertRegex(message, f"^their.pt: CLIP-LoRA adapter file: {pattern}")
-            self.assertNotIn("\n", message)
-        other_model = r"weights\['layer_5'\] is not expected: .* adapt 5 attention modules .* 3 text and 2 vision"
-        with self.assertRaisesRegex(train.UserError, other_model):
-            train.from_clip_lora(good, "their.pt", {"text": 3, "vision": 2})  # another model: other layer count
-
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "their.pt")
+            for change, pattern in cases:
+                torch.save(variant(change), path)
+                fresh, _ = adapted("lora", ("q", "v"), seed=3)
+                state = copy.deepcopy(fresh.state_dict())
+                with self.assertRaises(train.UserError) as raised:
+                    train.load_adapters(path, fresh, config)
+                message = str(raised.exception)
+                self.assertRegex(message, f"^{re.escape(path)}: .*{pattern}")
+                self.assertNotIn("\n", message)
+                self.assertTrue(all(torch.equal(state[k], v) for k, v in fresh.state_dict().items()), pattern)
+            torch.save(good, path)
+            other, _ = adapted("lora", ("q", "v"), position="half-up")  # another model: fewer adapted modules
+            with self.assertRaisesRegex(train.UserError, r"metadata\['position'\] is 'all', but this run has position"):
+                train.load_adapters(path, other, dict(config, position="half-up"))
+            torch.save(variant(lambda s: s["metadata"].update(position="half-up")), path)
+            with self.assertRaisesRegex(train.UserError, r"unexpected tensor weights\['layer_4'\]"):
+                train.load_adapters(path, other, dict(config, position="half-up"))
 
 if __name__ == "__main__":
     runner = unittest.TextTestRunner(verbosity=2)

@@ -1,0 +1,647 @@
+"""What a run writes and reads back: adapter files (ours and CLIP-LoRA's), results.json and results.jsonl, run
+identity, the all-or-nothing save, and the summaries over seeds.
+
+    python results.py out/                        # a table per configuration, in CLIP-LoRA's layout
+    python results.py out/ --format markdown --plot accuracy.png
+
+Depends on torch and the standard library; nothing here imports train.py.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+
+try:
+    import fcntl  # POSIX: serialises concurrent runs' saves
+except ImportError:  # Windows: each save is still all or nothing
+    fcntl = None
+
+import torch
+
+# Every setting that changes a run's result (not the seed, paths, device, workers or printing): what a run folder
+# may only be replaced with (unless --overwrite) and what the summaries group by.
+RUN_FIELDS = ("dataset", "shots", "method", "backbone", "r", "alpha", "dropout_rate", "encoder", "params", "position",
+              "blocks", "comp_ratio", "lr", "n_iters", "batch_size", "subsample", "precision")
+# What defines an adapted model; dropout only matters in training.
+ADAPTER_FIELDS = ("method", "r", "alpha", "scaling_rule", "blocks", "comp_ratio", "encoder", "position",
+                  "params", "backbone")
+MAX_RESULTS_BYTES = 16 << 20  # ours are a few KB: a larger results.json is skipped unread
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names; printed as one line."""
+
+
+def is_int(value):
+    """An int that is not a bool (JSON and torch.load give both)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    """A finite int or float that is not a bool."""
+    try:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def canonical_params(params):
+    """Projection letters in q, k, v, o order: --params v q and --params q v make the same model."""
+    return sorted(params, key=lambda p: "qkvo".index(p) if p in "qkvo" and len(p) == 1 else 4)
+
+
+# ----------------------------------------------------------------------------- all or nothing
+
+def save(path, content, log=None, before_commit=None):
+    """Write `path` all or nothing. content: write(binary file) for one file, or {name: write} for a folder.
+
+    Everything is written under a temporary name beside `path` (`.<name>.tmp<pid>`), flushed, fsynced and
+    closed. Then, holding a lock on the log (log = (path, line); concurrent runs take turns), before_commit()
+    may refuse, a folder that exists is set aside (`.<name>.old<pid>`; files a user added to it are carried
+    over as hard links), the new one is renamed into place and the line is appended to the log whole. So a reader
+    finds the old set or the new one, never a mix: only between the two renames of a folder is there none. On any
+    failure, Ctrl-C included, what was there is put back; a kill (-9, power loss) leaves leftovers that
+    `recover` restores or removes. An OSError becomes a one-line UserError naming the path.
+    """
+    parent, base = os.path.split(os.path.abspath(path))
+    staged, aside = (os.path.join(parent, f".{base}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    current, created, swapped = path, [], False
+    try:
+        recover(path)
+        created = make_folders(parent)
+        if callable(content):
+            write_synced(staged, content)
+        else:
+            os.mkdir(staged)
+            for name, write in content.items():
+                current = os.path.join(path, name)
+                write_synced(os.path.join(staged, name), write)
+            sync_folder(staged)
+        current = log[0] if log else path
+        with locked_append(log) as append:
+            if before_commit:
+                before_commit()
+            current = path
+            if os.path.isdir(path) and not callable(content):
+                carry_over(path, staged, content)
+                os.replace(path, aside)
+            os.replace(staged, path)  # a file replaces atomically; a folder replaces the one set aside
+            swapped, current = True, log[0] if log else path
+            append()
+    except BaseException as error:
+        if swapped and os.path.lexists(aside):  # the log refused the line: take the new set back out
+            shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(aside) and not os.path.lexists(path):
+            os.replace(aside, path)
+        remove(staged)
+        for folder in created:  # deepest first; only the ones this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if isinstance(error, OSError):
+            raise UserError(f"{error.filename or current}: cannot write ({error.strerror or error}); "
+                            "nothing was saved, earlier results are unchanged") from None
+        raise
+    with contextlib.suppress(OSError):  # committed: a set-aside folder left here is removed by the next recover
+        remove(aside)
+    sync_folder(parent)  # make the renames themselves durable
+
+
+def write_synced(path, write):
+    with open(path, "xb") as f:  # leaving the block closes it: an error at close is raised too
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def carry_over(old, new, names):
+    """Files a user added to a run folder stay in it: hard links into the new set (copies where links fail)."""
+    def link(source, target):
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(source, target, follow_symlinks=False)
+    for name in sorted(set(os.listdir(old)) - set(names)):
+        source, target = os.path.join(old, name), os.path.join(new, name)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True, copy_function=link)
+        else:
+            link(source, target)
+
+
+def recover(path):
+    """Leftovers of a save of `path` whose process was killed: a set-aside folder goes back where `path` is
+    missing, the rest is removed; one line says what was done. Saves of live processes are left alone."""
+    parent, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)(\d+)")
+    found = [m for m in map(pattern.fullmatch, os.listdir(parent) if os.path.isdir(parent) else []) if m]
+    for match in sorted(found, key=lambda m: m.group(1) != "old"):  # set-aside sets first
+        if running(int(match.group(2))):
+            continue
+        leftover = os.path.join(parent, match.group(0))
+        if match.group(1) == "old" and not os.path.lexists(path):
+            os.replace(leftover, path)
+            print(f"recovered {path}: a save was interrupted; the previous run is back in place", file=sys.stderr)
+        else:
+            remove(leftover)
+            print(f"recovered {path}: removed {match.group(0)}, left by an interrupted save", file=sys.stderr)
+
+
+def running(pid):
+    if os.name == "nt":  # there os.kill would end the process: assume it runs
+        return True
+    if pid == os.getpid():  # our own saves clean up after themselves: this one was interrupted
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def make_folders(folder):
+    """Create `folder` and its missing parents; returns the ones created, deepest first."""
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created = []
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another run may create it at the same moment
+            os.mkdir(path)
+            created.insert(0, path)
+    return created
+
+
+@contextlib.contextmanager
+def locked_append(log):
+    """Hold an exclusive lock on the log file (where fcntl exists); yields append(), which writes the line whole
+    (on a line of its own, also after a torn last line) and fsyncs it, or cuts the file back if that fails."""
+    if not log:
+        yield lambda: None
+        return
+    path, line = log
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+
+        def append():
+            size = os.fstat(fd).st_size
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            try:
+                remaining = ("\n" * torn + line).encode()
+                while remaining:
+                    remaining = remaining[os.write(fd, remaining):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+        yield append
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def sync_folder(folder):
+    with contextlib.suppress(OSError):  # not every system can fsync a folder; the data itself is synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_new_file(path, flag):
+    """`path` can be written: its folder exists and takes a file, and it is not itself a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; expected a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    probe_writable(folder, flag)
+
+
+def probe_writable(folder, what):
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"{what} {folder}: cannot write ({error.strerror})") from None
+
+
+def check_output_folder(directory):
+    """The run folder can be created later: its nearest existing ancestor is a folder we can write in."""
+    ancestor = os.path.abspath(directory)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"output directory {directory}: cannot write ({ancestor} is a file)")
+    probe_writable(ancestor, f"output directory {directory}:")
+
+
+# ---------------------------------------------------------------------------------- run identity
+
+def saved_config(folder):
+    """The config of the run saved in `folder`; None if there is none; ValueError if it cannot be read."""
+    if not any(os.path.lexists(os.path.join(folder, name)) for name in ("results.json", "adapter.pt")):
+        return None
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        config = json.load(f)["config"]
+    if not isinstance(config, dict):
+        raise ValueError("config is not an object")
+    return config
+
+
+def is_done(folder, config):
+    """Whether `folder` holds the complete result of exactly this configuration (for --skip_done)."""
+    try:
+        return os.path.isfile(os.path.join(folder, "adapter.pt")) and saved_config(folder) == config
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_run_identity(folder, config, overwrite):
+    """Refuse to replace a saved run of another configuration (unless --overwrite); same config: replace."""
+    hint = "choose another --save_path, or pass --overwrite to replace it"
+    try:
+        saved = None if overwrite else saved_config(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{folder} holds a run whose results.json is missing, unreadable or from an older "
+                        f"version; {hint}") from None
+    differing = next((field for field in RUN_FIELDS if saved and saved.get(field) != config[field]), None)
+    if differing:
+        raise UserError(f"{folder} holds a run with {differing} {saved.get(differing)!r}, this run has {differing} "
+                        f"{config[differing]!r}; {hint}")
+
+
+# ----------------------------------------------------------------------------------- adapter files
+
+def adapter_file(config, tensors):
+    """What an adapter file holds: {"config": adapter config, "state_dict": the lora_ tensors on the CPU}."""
+    return {"config": config, "state_dict": {key: value.detach().cpu() for key, value in tensors.items()}}
+
+
+# The official code's save_lora / load_lora (MaxZanella/CLIP-LoRA loralib/utils.py, commit 358f0d7) write
+#   {"weights": {"layer_<i>": {"q_proj" | "k_proj" | "v_proj" | "proj": {"w_lora_A": r x d_in, "w_lora_B": d_out x r}}},
+#    "metadata": {"r": int, "alpha": int, "encoder": str, "params": [letters as given], "position": str}}
+# where layer_<i> is the i-th attention module apply_lora adapted: text tower blocks first, then vision blocks,
+# each in block order. Its LinearLoRA is ours: h = W x + b + alpha/sqrt(r) B A dropout(x) (loralib/layers.py).
+CLIP_LORA_NAMES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "proj": "out_proj"}  # theirs: ours
+
+
+def clip_lora_path(save_path, backbone, dataset, shots, seed, filename="lora_weights"):
+    """Where CLIP-LoRA's save_lora writes: <save_path>/<backbone>/<dataset>/<shots>shots/seed<seed>/<filename>.pt,
+    with the backbone name stripped of '/' and '-' and lower-cased (ViT-B/16 -> vitb16)."""
+    folder = backbone.replace("/", "").replace("-", "").lower()
+    return os.path.join(save_path, folder, dataset, f"{shots}shots", f"seed{seed}", f"{filename}.pt")
+
+
+def from_clip_lora(saved, modules):
+    """A loaded CLIP-LoRA file in our terms: (config, tensors, names). modules: our attention modules in the order
+    apply_lora adapts them (layer_<i> is modules[i]). names maps each of our keys to the file's own term, e.g.
+    weights['layer_3']['q_proj']['w_lora_A']; an entry that maps to none of our keys keeps that term as its key."""
+    meta, weights = saved.get("metadata"), saved.get("weights")
+    config = {"method": "lora", "scaling_rule": "alpha/sqrt(r)", "blocks": None, "comp_ratio": None}
+    config.update({f"metadata[{field!r}]": value for field, value in (meta.items() if isinstance(meta, dict) else ())})
+    names = {f"{module}.{ours}.lora_{part}": f"weights['layer_{i}'][{theirs!r}]['w_lora_{part}']"
+             for i, module in enumerate(modules) for theirs, ours in CLIP_LORA_NAMES.items() for part in "AB"}
+    key_of = {term: key for key, term in names.items()}
+    tensors = {}
+    for layer, entry in (weights.items() if isinstance(weights, dict) else ()):
+        for theirs, pair in (entry.items() if isinstance(entry, dict) else [("?", entry)]):
+            for part in (("w_lora_A", "w_lora_B") if isinstance(pair, dict) else ("?",)):
+                term = f"weights[{layer!r}][{theirs!r}][{part!r}]"
+                key = key_of.get(term, term)
+                tensors[key], names[key] = (pair.get(part) if isinstance(pair, dict) else pair), term
+    return config, tensors, names
+
+
+def read_adapter(path, config, expected, modules):
+    """The lora_ tensors of an adapter file (ours; or CLIP-LoRA's, translated first), after one strict check against
+    the run: every setting equal to `config`, and exactly the keys and shapes of `expected` ({key: shape}), finite.
+    Anything else is a UserError naming the file and the first difference in the file's own terms."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: cannot be read as an adapter file ({reason})") from None
+    if isinstance(saved, dict) and ("weights" in saved or "metadata" in saved):  # the official code's file
+        saved_config, tensors, names = from_clip_lora(saved, modules)
+        fields = [("method", "method")] + [(f"metadata[{field!r}]", field)
+                                           for field in ("r", "alpha", "encoder", "params", "position")]
+        extra = [key for key in saved if key not in ("weights", "metadata")]
+        extra += [key for key in saved_config if key.startswith("metadata[") and key not in dict(fields)]
+        if extra:
+            raise UserError(f"{path}: CLIP-LoRA adapter file: {extra[0]} is not a field of this format")
+    elif isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict):
+        saved_config, tensors, names = saved["config"], saved["state_dict"], {}
+        fields = [(f"adapter {field}", field) for field in ADAPTER_FIELDS]
+    else:
+        raise UserError(f"{path}: not an adapter file of train.py or CLIP-LoRA (expected a dict with a 'config' "
+                        "dict and a 'state_dict' dict, or CLIP-LoRA's 'weights' and 'metadata')")
+    for term, field in fields:
+        value = saved_config.get(term, saved_config.get(field))
+        if field == "params" and isinstance(value, list) and all(isinstance(p, str) for p in value):
+            value = canonical_params(value)
+        if value != config[field] or type(value) is bool:
+            raise UserError(f"{path}: {term} is {value!r}, but this run has {field} {config[field]!r}")
+    for key, value in tensors.items():
+        term = names.get(key, repr(key))
+        if key not in expected:
+            raise UserError(f"{path}: unexpected tensor {term}: this configuration has no such adapter tensor")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != expected[key]:
+            shape = type(value).__name__ if not isinstance(value, torch.Tensor) else (
+                tuple(value.shape) if value.is_floating_point() else f"{tuple(value.shape)} of {value.dtype}")
+            raise UserError(f"{path}: tensor {term} has shape {shape}, expected {tuple(expected[key])} of floats")
+        if not torch.isfinite(value).all():
+            raise UserError(f"{path}: tensor {term} holds NaN or infinite values")
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        term = names.get(missing[0], repr(missing[0]))
+        raise UserError(f"{path}: adapter tensor {term} is missing ({len(missing)} of {len(expected)})")
+    return tensors
+
+
+# ------------------------------------------------------------------------------- summary
+# Named above a lone configuration's table; with several configurations, the settings that differ are named.
+KEY_SETTINGS = ("backbone", "r", "alpha", "encoder", "params", "position", "blocks", "comp_ratio")
+# CLIP-LoRA's datasets with the names and in the order of its paper's tables (arXiv 2405.18541, as issue #13
+# lists them); other datasets follow, sorted by name.
+PAPER_DATASETS = {"imagenet": "ImageNet", "sun397": "SUN397", "fgvc": "Aircraft", "eurosat": "EuroSAT",
+                  "stanford_cars": "Cars", "food101": "Food101", "oxford_pets": "Pets", "oxford_flowers": "Flowers",
+                  "caltech101": "Caltech101", "dtd": "DTD", "ucf101": "UCF101"}
+FORMATS = ("text", "markdown", "csv")
+
+
+def skipped(path, reason):
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def read_result(path):
+    """(config, seed, accuracy) of one results.json; ValueError(reason) if it cannot be read or lacks a field."""
+    if not os.path.isfile(path):
+        raise ValueError("not a regular file")
+    if os.path.getsize(path) > MAX_RESULTS_BYTES:
+        raise ValueError(f"{os.path.getsize(path):,d} bytes, more than a results file holds ({MAX_RESULTS_BYTES:,d}); "
+                         "not read")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise ValueError(f"cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError("empty file")
+    try:
+        result = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"not valid JSON ({error})") from None
+    if not isinstance(result, dict):
+        raise ValueError(f"holds a JSON {type(result).__name__}, expected an object")
+    config, args, accuracy = result.get("config"), result.get("args"), result.get("accuracy")
+    if not isinstance(config, dict):
+        raise ValueError("lacks 'config', the run's settings" if config is None else "'config' is not an object")
+    for field in RUN_FIELDS:
+        if field not in config:
+            raise ValueError(f"config lacks {field!r}")
+    if (not isinstance(config["dataset"], str) or not config["dataset"] or not is_int(config["shots"])
+            or config["shots"] < 1):
+        raise ValueError(f"config has dataset {config['dataset']!r} and shots {config['shots']!r}, expected "
+                         "a name and a positive integer")
+    if not isinstance(args, dict) or not is_int(args.get("seed")):
+        raise ValueError("args['seed'] is missing or not an integer")
+    if not is_number(accuracy):
+        raise ValueError(f"'accuracy' is {accuracy!r}, expected a number")
+    return config, args["seed"], float(accuracy)
+
+
+def read_results(directory):
+    """[(path, config, seed, accuracy)] of the results.json files under `directory`; each file that cannot be
+    read or lacks a field is named on stderr and skipped. A (configuration, seed) found twice (e.g. in a copied
+    folder) counts once: the first path in sorted order is kept, the others are named, so no mean repeats a run."""
+    if not os.path.isdir(directory):
+        raise UserError(f"--summarize {directory}: not a folder")
+    found, records, first = 0, [], {}
+    walk = os.walk(directory, onerror=lambda error: skipped(error.filename, f"cannot list ({error.strerror})"))
+    for folder, subfolders, files in walk:
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))  # hidden: a save under way
+        if "results.json" not in files:
+            continue
+        found += 1
+        path = os.path.join(folder, "results.json")
+        try:
+            config, seed, accuracy = read_result(path)
+        except ValueError as reason:
+            skipped(path, reason)
+            continue
+        run_key = (json.dumps(config, sort_keys=True), seed)
+        if run_key in first:
+            earlier, earlier_accuracy = first[run_key]
+            other = "" if accuracy == earlier_accuracy else f" (accuracy {accuracy} here, {earlier_accuracy} there)"
+            skipped(path, f"same configuration and seed {seed} as {earlier}{other}; counted once")
+            continue
+        first[run_key] = (path, accuracy)
+        records.append((path, config, seed, accuracy))
+    if not records:
+        raise UserError(f"{directory}: no results.json found" if not found else
+                        f"{directory}: none of its {found} results.json files could be read (each is named above)")
+    return records
+
+
+def setting_text(value, none="none"):
+    if value is None:
+        return none
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def summary_groups(records):
+    """One group per configuration (config without dataset and shots), ordered by the settings that differ
+    between groups: [{"settings", "label", "fields", "cells": {(dataset, shots): {seed: accuracy}}}]."""
+    groups = {}
+    for _, config, seed, accuracy in records:
+        settings = {k: v for k, v in config.items() if k not in ("dataset", "shots")}
+        group = groups.setdefault(json.dumps(settings, sort_keys=True), {"settings": settings, "cells": {}})
+        group["cells"].setdefault((config["dataset"], config["shots"]), {})[seed] = accuracy
+    groups = list(groups.values())
+    known = [f for f in RUN_FIELDS if f not in ("dataset", "shots")]
+    fields = known + sorted({k for g in groups for k in g["settings"]} - set(known))
+    differing = [f for f in fields if len({json.dumps(g["settings"].get(f), sort_keys=True) for g in groups}) > 1]
+    shown = differing if len(groups) > 1 else [f for f in KEY_SETTINGS if groups[0]["settings"].get(f) is not None]
+
+    def natural(value):  # numbers by value (r=4 before r=16), anything else by its JSON text
+        return (0, value, "") if is_number(value) else (1, 0, json.dumps(value, sort_keys=True))
+
+    groups.sort(key=lambda g: [natural(g["settings"].get(f)) for f in differing])
+    for g in groups:
+        g["fields"] = fields
+        g["label"] = " ".join([setting_text(g["settings"].get("method"))] + [
+            f"{f}={setting_text(g['settings'].get(f))}" for f in shown if f != "method"])
+    return groups
+
+
+def dataset_order(dataset):
+    return (0, list(PAPER_DATASETS).index(dataset), "") if dataset in PAPER_DATASETS else (1, 0, dataset)
+
+
+def group_table(group):
+    """(shot counts, rows [(dataset, {shots: (mean, std, seeds)})] in CLIP-LoRA's order, average
+    {shots: (mean of the dataset means, datasets missing at these shots)}); std: sample std, 0 for one seed."""
+    cells = group["cells"]
+    shots = sorted({s for _, s in cells})
+    rows = []
+    for dataset in sorted({d for d, _ in cells}, key=dataset_order):
+        stats = {}
+        for s in shots:
+            if (dataset, s) in cells:
+                values = list(cells[dataset, s].values())
+                stats[s] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                            sorted(cells[dataset, s]))
+        rows.append((dataset, stats))
+    average = {s: (statistics.mean(stats[s][0] for _, stats in rows if s in stats),
+                   [dataset for dataset, stats in rows if s not in stats]) for s in shots}
+    return shots, rows, average
+
+
+def format_summary(groups, fmt):
+    """The tables as aligned text, Markdown pipe tables, or CSV (one row per configuration, dataset and shots)."""
+    if fmt == "csv":
+        return summary_csv(groups)
+    markdown = fmt == "markdown"
+    blocks = []
+    for number, group in enumerate(groups, 1):
+        shots, rows, average = group_table(group)
+        star = "\\*" if markdown else "*"
+        table = [["dataset"] + [f"{s}-shot" for s in shots]]
+        for dataset, stats in rows:
+            table.append([PAPER_DATASETS.get(dataset, dataset)] + [
+                f"{stats[s][0]:.2f} ± {stats[s][1]:.2f} ({len(stats[s][2])})" if s in stats else "-" for s in shots])
+        table.append(["Average"] + [f"{average[s][0]:.2f}{star if average[s][1] else ''}" for s in shots])
+        notes = [f"{star} {s}-shot: average over {len(rows) - len(average[s][1])} of {len(rows)} datasets, without "
+                 f"{', '.join(PAPER_DATASETS.get(d, d) for d in average[s][1])}" for s in shots if average[s][1]]
+        heading = f"configuration {number}/{len(groups)}: {group['label']}"
+        if markdown:
+            def escape(text):
+                return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+            lines = [f"**{escape(heading)}**", ""]
+            lines += ["| " + " | ".join([escape(row[0])] + row[1:]) + " |" for row in table]
+            lines.insert(3, "|:---|" + "---:|" * len(shots))
+            lines += [""] + notes if notes else []
+        else:
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            lines = [heading] + ["  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in
+                                           enumerate(zip(row, widths))).rstrip() for row in table] + notes
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def summary_csv(groups):
+    """One row per (configuration, dataset, shots): mean, std, number and list of seeds, then every setting."""
+    fields = groups[0]["fields"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["configuration", "dataset", "shots", "mean", "std", "seeds", "seed_list", *fields])
+    for number, group in enumerate(groups, 1):
+        shots, rows, _ = group_table(group)
+        settings = [setting_text(group["settings"].get(f), none="") for f in fields]
+        for dataset, stats in rows:
+            for s in shots:
+                if s in stats:
+                    mean, std, seeds = stats[s]
+                    writer.writerow([number, dataset, s, mean, std, len(seeds), " ".join(map(str, seeds)), *settings])
+    return out.getvalue().rstrip("\n")
+
+
+def plot_summary(groups, path):
+    """Accuracy against shots as CLIP-LoRA's figure few_shot.png: a panel per dataset and one for the average,
+    a line per configuration. matplotlib is an optional extra, imported here only; the PNG appears whole or not
+    at all."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    tables = [group_table(g) for g in groups]
+    datasets = sorted({d for _, rows, _ in tables for d, _ in rows}, key=dataset_order)
+    titles = [PAPER_DATASETS.get(d, d) for d in datasets] + ["Average"]
+    cells = len(titles) + 1  # one cell more for the legend, as in few_shot.png
+    grid_rows = -(-cells // min(5, cells))
+    columns = -(-cells // grid_rows)  # at most 5 columns, as few rows as that allows, the rows filled evenly
+    figure = Figure(figsize=(3.2 * columns, 2.6 * grid_rows))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+    incomplete = False
+    for index, (group, (shots, rows, average)) in enumerate(zip(groups, tables)):
+        style = dict(color=f"C{index % 10}", marker="o", markersize=3)
+        for dataset, stats in rows:
+            x = [s for s in shots if s in stats]
+            axes[datasets.index(dataset)].errorbar(x, [stats[s][0] for s in x], yerr=[stats[s][1] for s in x],
+                                                   capsize=2, **style)
+        ax = axes[len(datasets)]
+        ax.plot(shots, [average[s][0] for s in shots], label=group["label"], **style)
+        partial = [s for s in shots if average[s][1]]  # hollow: the average misses some dataset there
+        ax.plot(partial, [average[s][0] for s in partial], linestyle="none", markerfacecolor="white", **style)
+        incomplete = incomplete or bool(partial)
+    all_shots = sorted({s for shots, _, _ in tables for s in shots})
+    for index, (ax, title) in enumerate(zip(axes, titles)):
+        ax.set_title(title + (" (hollow: incomplete)" if title == "Average" and incomplete else ""), fontsize=10)
+        ax.set_xticks(all_shots)
+        ax.set_xlabel("shots", fontsize=8)
+        if index % columns == 0:
+            ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
+    for ax in axes[len(titles):]:
+        ax.axis("off")
+    axes[len(titles)].legend(*axes[len(datasets)].get_legend_handles_labels(), loc="center", fontsize=8)
+    figure.tight_layout()
+    save(path, lambda f: figure.savefig(f, format="png", dpi=100))
+
+
+def summarize(directory, fmt="text", plot=None):
+    """Per configuration, the papers' table (a row per dataset, a column per shot count, mean ± std (seeds) over
+    seeds, an Average row) from the results.json files under `directory` (never from logs); `plot`: a PNG too."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise UserError(f"--plot {plot}: expected a file name ending in .png")
+    if plot is not None:
+        check_new_file(plot, "--plot")
+    groups = summary_groups(read_results(directory))
+    if plot is not None:
+        plot_summary(groups, plot)
+    return format_summary(groups, fmt)
+
+
+
+
+def main(argv=None):
+    """python results.py DIR [--format text|markdown|csv] [--plot FILE.png]: the summary tables of DIR's runs."""
+    p = argparse.ArgumentParser(description=summarize.__doc__)
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), markdown or csv")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw accuracy against shots (needs matplotlib)")
+    args = p.parse_args(argv)
+    try:
+        print(summarize(args.directory, args.format, args.plot))
+    except UserError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
