@@ -40,6 +40,12 @@ class UserError(Exception):
     """A mistake in the command line or the files it names; printed as one line."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, as every other user mistake (argparse prints its usage block first)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def is_int(value):
     """An int that is not a bool (JSON and torch.load give both)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -63,20 +69,22 @@ def canonical_params(params):
 def save(path, content, log=None, before_commit=None):
     """Write `path` all or nothing. content: write(binary file) for one file, or {name: write} for a folder.
 
-    Everything is written under a temporary name beside `path` (`.<name>.tmp<pid>`), flushed, fsynced and
-    closed. Then, holding a lock on the log (log = (path, line); concurrent runs take turns), before_commit()
-    may refuse, a folder that exists is set aside (`.<name>.old<pid>`; files a user added to it are carried
-    over as hard links), the new one is renamed into place and the line is appended to the log whole. So a reader
-    finds the old set or the new one, never a mix: only between the two renames of a folder is there none. On any
-    failure, Ctrl-C included, what was there is put back; a kill (-9, power loss) leaves leftovers that
-    `recover` restores or removes. An OSError becomes a one-line UserError naming the path.
+    It is written under a temporary name beside `path` (`.<name>.tmp<pid>`), flushed, fsynced and closed. Then,
+    holding a lock on the log (log = (path, line); concurrent runs take turns), before_commit() may refuse, a folder
+    there is set aside (`.<name>.old<pid>`; files a user added to it come along as hard links), the new one takes its
+    place and the line is appended whole. A reader finds the old set or the new one, never a mix (for an instant
+    between a folder's two renames, none). Any failure, Ctrl-C included, puts back what was there and raises an
+    OSError as a one-line UserError naming the path; a kill leaves leftovers that `recover` resolves.
     """
     parent, base = os.path.split(os.path.abspath(path))
     staged, aside = (os.path.join(parent, f".{base}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
-    current, created, swapped = path, [], False
+    created, folder = [], parent  # the parents this save creates, deepest first: removed again on failure
+    while not os.path.isdir(folder):
+        created, folder = created + [folder], os.path.dirname(folder)
+    current, swapped = path, False
     try:
         recover(path)
-        created = make_folders(parent)
+        os.makedirs(parent, exist_ok=True)
         if callable(content):
             write_synced(staged, content)
         else:
@@ -93,7 +101,7 @@ def save(path, content, log=None, before_commit=None):
             if os.path.isdir(path) and not callable(content):
                 carry_over(path, staged, content)
                 os.replace(path, aside)
-            os.replace(staged, path)  # a file replaces atomically; a folder replaces the one set aside
+            os.replace(staged, path)  # a file replaces atomically; a folder takes the place of the one set aside
             swapped, current = True, log[0] if log else path
             append()
     except BaseException as error:
@@ -102,9 +110,9 @@ def save(path, content, log=None, before_commit=None):
         if os.path.lexists(aside) and not os.path.lexists(path):
             os.replace(aside, path)
         remove(staged)
-        for folder in created:  # deepest first; only the ones this call made, and only if still empty
+        for folder in created:
             with contextlib.suppress(OSError):
-                os.rmdir(folder)
+                os.rmdir(folder)  # only if still empty
         if isinstance(error, OSError):
             raise UserError(f"{error.filename or current}: cannot write ({error.strerror or error}); "
                             "nothing was saved, earlier results are unchanged") from None
@@ -145,48 +153,30 @@ def carry_over(old, new, names):
 
 def recover(path):
     """Leftovers of a save of `path` whose process was killed: a set-aside folder goes back where `path` is
-    missing, the rest is removed; one line says what was done. Saves of live processes are left alone."""
+    missing, the rest is removed; one line says what was done. Saves of running processes are left alone."""
     parent, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)(\d+)")
     found = [m for m in map(pattern.fullmatch, os.listdir(parent) if os.path.isdir(parent) else []) if m]
     for match in sorted(found, key=lambda m: m.group(1) != "old"):  # set-aside sets first
-        if running(int(match.group(2))):
-            continue
-        leftover = os.path.join(parent, match.group(0))
-        if match.group(1) == "old" and not os.path.lexists(path):
-            os.replace(leftover, path)
-            print(f"recovered {path}: a save was interrupted; the previous run is back in place", file=sys.stderr)
-        else:
-            remove(leftover)
-            print(f"recovered {path}: removed {match.group(0)}, left by an interrupted save", file=sys.stderr)
+        if not running(int(match.group(2))):
+            leftover = os.path.join(parent, match.group(0))
+            restore = match.group(1) == "old" and not os.path.lexists(path)
+            os.replace(leftover, path) if restore else remove(leftover)
+            print(f"recovered {path}: " + ("a save was interrupted; the previous run is back in place" if restore else
+                                           f"removed {match.group(0)}, left by an interrupted save"), file=sys.stderr)
 
 
 def running(pid):
-    if os.name == "nt":  # there os.kill would end the process: assume it runs
-        return True
-    if pid == os.getpid():  # our own saves clean up after themselves: this one was interrupted
-        return False
+    """Whether a process `pid` runs here; our own saves clean up after themselves, so our pid's are stale."""
+    if os.name == "nt" or pid == os.getpid():  # on Windows os.kill would end the process: assume it runs
+        return os.name == "nt"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # alive, another user's
-        return True
+        pass
     return True
-
-
-def make_folders(folder):
-    """Create `folder` and its missing parents; returns the ones created, deepest first."""
-    missing = []
-    while not os.path.isdir(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    created = []
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another run may create it at the same moment
-            os.mkdir(path)
-            created.insert(0, path)
-    return created
 
 
 @contextlib.contextmanager
@@ -204,9 +194,8 @@ def locked_append(log):
 
         def append():
             size = os.fstat(fd).st_size
-            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            remaining = ("\n" * (size > 0 and os.pread(fd, 1, size - 1) != b"\n") + line).encode()
             try:
-                remaining = ("\n" * torn + line).encode()
                 while remaining:
                     remaining = remaining[os.write(fd, remaining):]
                 os.fsync(fd)
@@ -230,10 +219,9 @@ def sync_folder(folder):
 def check_new_file(path, flag):
     """`path` can be written: its folder exists and takes a file, and it is not itself a folder."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path}: is a folder; expected a file name")
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: " + ("is a folder; expected a file name" if os.path.isdir(path) else
+                                              f"folder {folder} does not exist"))
     probe_writable(folder, flag)
 
 
@@ -258,15 +246,24 @@ def check_output_folder(directory):
 
 # ---------------------------------------------------------------------------------- run identity
 
+def run_dir(save_path, dataset, method, shots, seed):
+    """Where a run's adapter.pt and results.json live; its checkpoint is `run_dir(...) + CHECKPOINT`, beside it."""
+    return os.path.join(save_path, dataset, method, f"{shots}shots", f"seed{seed}")
+
+
+CHECKPOINT = ".checkpoint.pt"
+
+
+def first_difference(saved, config, fields):
+    return next((field for field in fields if saved.get(field) != config.get(field)), None)
+
+
 def saved_config(folder):
     """The config of the run saved in `folder`; None if there is none; ValueError if it cannot be read."""
     if not any(os.path.lexists(os.path.join(folder, name)) for name in ("results.json", "adapter.pt")):
         return None
     with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
-        config = json.load(f)["config"]
-    if not isinstance(config, dict):
-        raise ValueError("config is not an object")
-    return config
+        return dict(json.load(f)["config"])
 
 
 def is_done(folder, config):
@@ -285,10 +282,29 @@ def check_run_identity(folder, config, overwrite):
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{folder} holds a run whose results.json is missing, unreadable or from an older "
                         f"version; {hint}") from None
-    differing = next((field for field in RUN_FIELDS if saved and saved.get(field) != config[field]), None)
+    differing = saved and first_difference(saved, config, RUN_FIELDS)
     if differing:
         raise UserError(f"{folder} holds a run with {differing} {saved.get(differing)!r}, this run has {differing} "
                         f"{config[differing]!r}; {hint}")
+
+
+def read_checkpoint(path, config):
+    """The state saved in a checkpoint of exactly this configuration (`config` with the seed); None (said in one
+    line) if there is none; a UserError naming the first differing setting for another configuration."""
+    if not os.path.isfile(path):
+        print(f"no checkpoint {path}: starting from the beginning")
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = dict(state["config"])
+    except Exception as error:
+        raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); delete it to start anew") from None
+    differing = first_difference(saved, config, list(config) + list(saved))
+    if differing:
+        raise UserError(f"{path}: a checkpoint with {differing} {saved.get(differing)!r}, this run has {differing} "
+                        f"{config.get(differing)!r}; run without --resume to start anew")
+    print(f"resuming {path} at iteration {state['iteration']}")
+    return state
 
 
 # ----------------------------------------------------------------------------------- adapter files
@@ -318,8 +334,7 @@ def from_clip_lora(saved, modules):
     apply_lora adapts them (layer_<i> is modules[i]). names maps each of our keys to the file's own term, e.g.
     weights['layer_3']['q_proj']['w_lora_A']; an entry that maps to none of our keys keeps that term as its key."""
     meta, weights = saved.get("metadata"), saved.get("weights")
-    config = {"method": "lora", "scaling_rule": "alpha/sqrt(r)", "blocks": None, "comp_ratio": None}
-    config.update({f"metadata[{field!r}]": value for field, value in (meta.items() if isinstance(meta, dict) else ())})
+    config = {"method": "lora", **{f"metadata[{k!r}]": v for k, v in (meta.items() if isinstance(meta, dict) else ())}}
     names = {f"{module}.{ours}.lora_{part}": f"weights['layer_{i}'][{theirs!r}]['w_lora_{part}']"
              for i, module in enumerate(modules) for theirs, ours in CLIP_LORA_NAMES.items() for part in "AB"}
     key_of = {term: key for key, term in names.items()}
@@ -344,10 +359,9 @@ def read_adapter(path, config, expected, modules):
         raise UserError(f"{path}: cannot be read as an adapter file ({reason})") from None
     if isinstance(saved, dict) and ("weights" in saved or "metadata" in saved):  # the official code's file
         saved_config, tensors, names = from_clip_lora(saved, modules)
-        fields = [("method", "method")] + [(f"metadata[{field!r}]", field)
-                                           for field in ("r", "alpha", "encoder", "params", "position")]
-        extra = [key for key in saved if key not in ("weights", "metadata")]
-        extra += [key for key in saved_config if key.startswith("metadata[") and key not in dict(fields)]
+        fields = [("method", "method")] + [(f"metadata[{f!r}]", f) for f in ("r", "alpha", "encoder", "params", "position")]
+        extra = [key for key in saved if key not in ("weights", "metadata")] + [
+            key for key in saved_config if key not in dict(fields)]
         if extra:
             raise UserError(f"{path}: CLIP-LoRA adapter file: {extra[0]} is not a field of this format")
     elif isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict):
@@ -374,8 +388,8 @@ def read_adapter(path, config, expected, modules):
             raise UserError(f"{path}: tensor {term} holds NaN or infinite values")
     missing = [key for key in expected if key not in tensors]
     if missing:
-        term = names.get(missing[0], repr(missing[0]))
-        raise UserError(f"{path}: adapter tensor {term} is missing ({len(missing)} of {len(expected)})")
+        raise UserError(f"{path}: adapter tensor {names.get(missing[0], repr(missing[0]))} is missing "
+                        f"({len(missing)} of {len(expected)})")
     return tensors
 
 
@@ -396,34 +410,29 @@ def skipped(path, reason):
 
 def read_result(path):
     """(config, seed, accuracy) of one results.json; ValueError(reason) if it cannot be read or lacks a field."""
-    if not os.path.isfile(path):
-        raise ValueError("not a regular file")
-    if os.path.getsize(path) > MAX_RESULTS_BYTES:
-        raise ValueError(f"{os.path.getsize(path):,d} bytes, more than a results file holds ({MAX_RESULTS_BYTES:,d}); "
-                         "not read")
+    if not os.path.isfile(path) or os.path.getsize(path) > MAX_RESULTS_BYTES:
+        raise ValueError("not a regular file" if not os.path.isfile(path) else f"{os.path.getsize(path):,d} bytes, "
+                         f"more than a results file holds ({MAX_RESULTS_BYTES:,d}); not read")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
+        result = json.loads(text) if text.strip() else ValueError("empty file")
     except OSError as error:
         raise ValueError(f"cannot read ({error.strerror})") from None
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
-    if not text.strip():
-        raise ValueError("empty file")
-    try:
-        result = json.loads(text)
     except (ValueError, RecursionError) as error:
         raise ValueError(f"not valid JSON ({error})") from None
     if not isinstance(result, dict):
-        raise ValueError(f"holds a JSON {type(result).__name__}, expected an object")
+        raise result if isinstance(result, ValueError) else ValueError(
+            f"holds a JSON {type(result).__name__}, expected an object")
     config, args, accuracy = result.get("config"), result.get("args"), result.get("accuracy")
     if not isinstance(config, dict):
         raise ValueError("lacks 'config', the run's settings" if config is None else "'config' is not an object")
-    for field in RUN_FIELDS:
-        if field not in config:
-            raise ValueError(f"config lacks {field!r}")
-    if (not isinstance(config["dataset"], str) or not config["dataset"] or not is_int(config["shots"])
-            or config["shots"] < 1):
+    missing = [field for field in RUN_FIELDS if field not in config]
+    if missing:
+        raise ValueError(f"config lacks {missing[0]!r}")
+    if not isinstance(config["dataset"], str) or not config["dataset"] or not is_int(config["shots"]) or config["shots"] < 1:
         raise ValueError(f"config has dataset {config['dataset']!r} and shots {config['shots']!r}, expected "
                          "a name and a positive integer")
     if not isinstance(args, dict) or not is_int(args.get("seed")):
@@ -628,11 +637,9 @@ def summarize(directory, fmt="text", plot=None):
     return format_summary(groups, fmt)
 
 
-
-
 def main(argv=None):
     """python results.py DIR [--format text|markdown|csv] [--plot FILE.png]: the summary tables of DIR's runs."""
-    p = argparse.ArgumentParser(description=summarize.__doc__)
+    p = ArgumentParser(description=summarize.__doc__)
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--format", default="text", choices=FORMATS, help="text (default), markdown or csv")
     p.add_argument("--plot", metavar="FILE.png", help="also draw accuracy against shots (needs matplotlib)")
@@ -640,7 +647,8 @@ def main(argv=None):
     try:
         print(summarize(args.directory, args.format, args.plot))
     except UserError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -612,7 +612,8 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
         model.visual.transformer.resblocks[0].attn.q_proj.base.register_forward_hook(
             lambda module, inputs, output: dtypes.append(output.dtype))
         with mock.patch.object(torch.amp, "GradScaler", make_scaler):
-            _, printed = quiet(train.train, model, dataset, args, torch.device("cpu"), 32)
+            _, printed = quiet(train.train, model, dataset, args, torch.device("cpu"), 32,
+                               train.run_config(args, torch.device("cpu")))
         self.assertEqual(set(dtypes), {torch.float16})
         progress = [line for line in printed.splitlines() if line.startswith("iter ")]
         losses = [float(line.split("  loss ")[1].split()[0]) for line in progress]
@@ -1025,7 +1026,7 @@ class TestTrain(WithSyntheticData):
 
     def test_clip_lora_files_evaluate_like_ours(self):
         args = self.args("--n_iters", "1", out="ours")
-        results, _ = quiet(train.run, args)
+        record, _ = quiet(train.run, args)
         metadata = {"r": 2, "alpha": 1, "encoder": "both", "params": ["q", "k", "v"], "position": "all"}
         theirs = os.path.join(self.tmp.name, "theirs")
         path = results.clip_lora_path(theirs, "tiny", "eurosat", 4, 1)
@@ -1035,13 +1036,14 @@ class TestTrain(WithSyntheticData):
         torch.save(clip_lora_layout(self.saved_model(args), metadata), path)
         again, printed = quiet(train.run, self.args("--n_iters", "1", "--eval_only", out="theirs"))
         self.assertIn(f"evaluating CLIP-LoRA's adapter file {path}", printed)
-        self.assertEqual(again["accuracy"], results["accuracy"])
+        self.assertEqual(again["accuracy"], record["accuracy"])
         direct, _ = quiet(train.run, self.args("--n_iters", "1", "--adapter", path, out="nowhere"))
-        self.assertEqual(direct["accuracy"], results["accuracy"])
+        self.assertEqual(direct["accuracy"], record["accuracy"])
         self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "nowhere")))
-        for flags, field in ((["--r", "4"], "r is 2"), (["--alpha", "2"], "alpha is 1.0"), (["--encoder", "text"], "encoder"),
-                             (["--position", "top3"], "position"), (["--params", "q", "v"], "params")):
-            with self.assertRaisesRegex(train.UserError, rf"^{re.escape(path)}: adapter {field}.*, but this run has"):
+        for flags, field in ((["--r", "4"], r"metadata\['r'\] is 2"), (["--alpha", "2"], r"metadata\['alpha'\] is 1"),
+                             (["--encoder", "text"], r"metadata\['encoder'\]"), (["--method", "comp"], "method is 'lora'"),
+                             (["--position", "top3"], "metadata"), (["--params", "q", "v"], r"metadata\['params'\]")):
+            with self.assertRaisesRegex(train.UserError, rf"^{re.escape(path)}: {field}.*, but this run has"):
                 quiet(train.run, self.args("--n_iters", "1", "--adapter", path, *flags, out="nowhere"))
         self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "nowhere")))
 
@@ -1050,9 +1052,30 @@ class TestTrain(WithSyntheticData):
         args = self.args("--method", "comp", "--n_iters", "2", "--export_merged", export, out="export")
         results, _ = quiet(train.run, args)
         model, preprocess = clip_model.load(export)
+        self.assertTrue(all(value.device.type == "cpu" for value in torch.load(export, weights_only=True).values()))
         dataset = data.build_dataset("eurosat", self.root, 4, 1)
         accuracy = train.zero_shot_accuracy(model, dataset, dataset.template[0], preprocess, args, torch.device("cpu"))
         self.assertAlmostEqual(accuracy, results["accuracy"], places=4)
+        # the run evaluated through merged weights; the unmerged adapters give the same accuracy
+        unmerged = train.zero_shot_accuracy(self.saved_model(args), dataset, dataset.template[0], preprocess, args,
+                                            torch.device("cpu"))
+        self.assertEqual(unmerged, results["accuracy"])
+
+    def test_random_streams_belong_to_the_seed_alone(self):
+        """The only reseeding of CUDA's and MPS's generators is the seed's own (data loading and model building
+        touch none), and the initial adapters depend on the seed, never on --workers."""
+        initial = {}
+        for seed, workers in (("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")):
+            with mock.patch("torch.cuda.manual_seed_all") as cuda, mock.patch("torch.mps.manual_seed") as mps, \
+                    mock.patch.object(train, "train", side_effect=lambda model, *rest: initial.setdefault(
+                        (seed, workers), train.adapter_tensors(model)) and 0.0):
+                quiet(train.run, self.args("--seed", seed, "--workers", workers, out=f"streams{seed}{workers}"))
+            self.assertEqual([call.args for call in cuda.call_args_list], [(int(seed),)])
+            self.assertEqual([call.args for call in mps.call_args_list], [(int(seed),)])
+        for key in initial[("1", "0")]:
+            self.assertTrue(torch.equal(initial[("1", "0")][key], initial[("1", "2")][key]), key)
+            self.assertTrue(torch.equal(initial[("2", "0")][key], initial[("2", "2")][key]), key)
+        self.assertFalse(all(torch.equal(initial[("1", "0")][k], initial[("2", "0")][k]) for k in initial[("1", "0")]))
 
     def test_retention_and_base_to_new_against_independent_accuracies(self):
         args = self.args("--n_iters", "2", "--eval_datasets", "imagefolder", out="ret")
@@ -1113,7 +1136,7 @@ class TestTrain(WithSyntheticData):
         quiet(train.run, earlier)
         before = tree_state(save_path)
         for number, code, flags in ((signal.SIGINT, 130, ["--checkpoint_every", "0", "--overwrite"]),
-                                    (signal.SIGTERM, 143, ["--n_iters", "10"])):
+                                    (signal.SIGTERM, 143, ["--n_iters", "10", "--overwrite"])):
             process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *base, "--n_iters", "100000",
                                         *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for line in process.stdout:  # wait until training runs
@@ -1124,10 +1147,11 @@ class TestTrain(WithSyntheticData):
             self.assertEqual(process.returncode, code, err)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertTrue(err.startswith("interrupted"), err)
-            self.assertEqual(tree_state(save_path), before)  # earlier results unchanged
+            after = {k: v for k, v in tree_state(save_path).items() if not k.endswith(results.CHECKPOINT)}
+            self.assertEqual(after, before)  # earlier results unchanged
         # the SIGTERM run (another configuration: n_iters 10) left its checkpoint; --resume finishes it
         self.assertRegex(err, r"^interrupted at iteration \d+/40; continue with --resume")
-        checkpoint = train.run_dir(earlier) + train.CHECKPOINT
+        checkpoint = train.run_dir(earlier) + results.CHECKPOINT
         self.assertTrue(os.path.isfile(checkpoint))
         resumed, printed = quiet(train.run, train.parse_args(base[:-2] + ["--n_iters", "10", "--resume", "--overwrite",
                                                                           "--workers", "2"]))
@@ -1397,7 +1421,7 @@ class TestTrain(WithSyntheticData):
 
     def test_two_demos_at_once_both_succeed(self):
         save_path = os.path.join(self.tmp.name, "demos")
-        command = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", "synthetic", "--backbone", "tiny",
+        command = [sys.executable, os.path.join(HERE, "train.py"), "--device", "cpu", "--dataset", "synthetic", "--backbone", "tiny",
                    "--shots", "2", "--n_iters", "1", "--workers", "0", "--save_path", save_path]
         processes = [subprocess.Popen(command + ["--seed", seed], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True) for seed in ("1", "2")]
@@ -1892,7 +1916,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
             return saved
 
         cases = [
-            (lambda s: s["metadata"].pop("alpha"), r"metadata\['alpha'\] is None, but this run has alpha 1.0"),
+            (lambda s: s["metadata"].pop("alpha"), r"metadata\['alpha'\] is None, but this run has alpha 1$"),
             (lambda s: s["metadata"].update(params=["q", "x"]), r"metadata\['params'\] is \['q', 'x'\]"),
             (lambda s: s["metadata"].update(position="top"), r"metadata\['position'\] is 'top'"),
             (lambda s: s["metadata"].update(rank=2), r"CLIP-LoRA adapter file: metadata\['rank'\] is not a field"),

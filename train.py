@@ -10,6 +10,7 @@ so its results are reproduced by default and its users only change the script na
 reads back (adapter files, results, saves, summaries) is in results.py.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -35,19 +36,12 @@ LOGIT_SCALE = 100  # CLIP-LoRA's fixed scale on the cosine similarities (main.py
 MAX_SEED = 2 ** 32 - 1  # numpy's limit in CLIP-LoRA's seeding (run_utils.py set_random_seed)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, as every other user mistake (argparse prints its usage block first)."""
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = results.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="lora", help="lora, comp or block")
     p.add_argument("--dataset", default="dtd", help=f"one of {', '.join(data.DATASETS)}, or synthetic")
-    p.add_argument("--root", "--root_path", dest="root", default="",
-                   help="data root (CoOp layout); with --dataset synthetic, a new folder for the demo data "
-                        "(default <save_path>/synthetic_data); an existing folder is never written into")
+    p.add_argument("--root", "--root_path", dest="root", default="", help="data root (CoOp layout); with "
+                   "--dataset synthetic, a new folder for the demo data (default <save_path>/synthetic_data)")
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--seed", type=int, default=1, help=f"0 to {MAX_SEED} (numpy's limit in CLIP-LoRA's seeding)")
     p.add_argument("--backbone", default="ViT-B/16", help=f"{clip_model.available_models()} or a weights file")
@@ -65,10 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--save_path", default="out", help="results root: <save_path>/<dataset>/<method>/<shots>shots/"
                    "seed<seed>/; a folder that holds a run of another configuration is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace a saved run of another configuration")
-    p.add_argument("--eval_only", action="store_true",
-                   help="evaluate the saved adapter of this configuration (ours, or CLIP-LoRA's file at "
-                        "<save_path>/<backbone>/<dataset>/<shots>shots/seed<seed>/<filename>.pt); writes no "
-                        "result files, only --export_merged if given")
+    p.add_argument("--eval_only", action="store_true", help="evaluate this configuration's saved adapter (ours, "
+                   "else CLIP-LoRA's file for these flags); writes only --export_merged, if given")
     p.add_argument("--adapter", default="", metavar="FILE", help="evaluate this adapter file, like --eval_only")
     p.add_argument("--filename", default="lora_weights", help="CLIP-LoRA's adapter file name, without .pt")
     p.add_argument("--eval_datasets", default="", help="comma-separated datasets for zero-shot retention")
@@ -76,29 +68,22 @@ def parse_args(argv=None):
     p.add_argument("--export_merged", default="", metavar="FILE", help="also write a plain CLIP state dict with "
                    "the adapters merged (with --eval_only or --adapter: of the evaluated adapter)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="autocast dtype; auto: fp16 with a gradient scaler on CUDA (as the official lora.py), fp32 "
-                        "elsewhere. fp16 also runs on CPU (slowly: the code path a GPU runs); bf16 needs no scaler")
-    p.add_argument("--text_checkpoint", default="auto", choices=["auto", "on", "off"],
-                   help="recompute the text tower's activations in the backward pass instead of storing them; "
-                        "auto: on when the class prompts span more than 4096 token positions (ImageNet: 9,165)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="loader processes; results do not depend on it")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="autocast dtype; "
+                   "auto: fp16 with a gradient scaler on CUDA (as the official lora.py), fp32 elsewhere")
+    p.add_argument("--text_checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute the text "
+                   "tower in backward instead of storing it; auto: on above 4096 prompt positions (ImageNet: 9,165)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes; the "
+                   "results do not depend on it")
     p.add_argument("--print_every", type=int, default=50, help="iterations between progress lines")
-    p.add_argument("--checkpoint_every", type=int, default=500, help="iterations between checkpoints (beside the "
-                   "run folder, removed once the run is saved; also written at Ctrl-C or SIGTERM); 0: none")
+    p.add_argument("--checkpoint_every", type=int, default=500, help="iterations between checkpoints, also "
+                   "written at Ctrl-C and SIGTERM (<run folder>.checkpoint.pt, removed once the run is saved); 0: none")
     p.add_argument("--resume", action="store_true", help="continue this configuration's run from its checkpoint")
     p.add_argument("--skip_done", action="store_true", help="exit at once if the run folder holds this "
-                   "configuration's complete result (re-run a sweep after a crash)")
+                   "configuration's complete result")
     p.add_argument("--summarize", metavar="DIR", help="as python results.py DIR: tables over seeds")
     p.add_argument("--format", choices=results.FORMATS, help="with --summarize: text (default), markdown or csv")
     p.add_argument("--plot", metavar="FILE.png", help="with --summarize: also draw accuracy against shots")
     return p.parse_args(argv)
-
-
-def check_number(value, flag, valid, expected):
-    if not (math.isfinite(value) and valid(value)):
-        raise UserError(f"--{flag} {value}: expected {expected}")
 
 
 def check_device(name):
@@ -123,22 +108,22 @@ def check_args(args):
     """Every flag and cheap precondition, before any download, data pass or folder creation; returns the device."""
     if args.method not in METHODS:
         raise UserError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    for flag, names in (("dataset", [args.dataset]), ("eval_datasets", eval_datasets(args))):
-        for name in names:
-            if name not in data.DATASETS and name != "synthetic":
-                raise UserError(f"--{flag} {name!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
+    for flag, name in [("dataset", args.dataset)] + [("eval_datasets", name) for name in eval_datasets(args)]:
+        if name not in data.DATASETS and name != "synthetic":
+            raise UserError(f"--{flag} {name!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
     if data.DATASETS.get(args.dataset) and data.DATASETS[args.dataset].eval_only:
         raise UserError(f"--dataset {args.dataset}: an evaluation-only dataset (no train split); "
                         "use it in --eval_datasets")
-    for flag in ("shots", "n_iters", "batch_size", "r", "blocks", "print_every"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected a positive integer")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
-    check_number(args.lr, "lr", lambda lr: lr > 0, "a positive number")
-    check_number(args.alpha, "alpha", lambda alpha: alpha != 0, "a finite number other than 0")
-    for flag in ("dropout_rate", "comp_ratio"):
-        check_number(getattr(args, flag), flag, lambda share: 0 <= share < 1, "a number in [0, 1)")
+    numbers = [(flag, lambda n: n >= 1, "a positive integer") for flag in ("shots", "n_iters", "batch_size", "r",
+                                                                           "blocks", "print_every")]
+    numbers += [(flag, lambda n: n >= 0, "0 or more") for flag in ("workers", "checkpoint_every")]
+    numbers += [("seed", lambda n: 0 <= n <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+                ("lr", lambda lr: lr > 0, "a positive number"), ("alpha", lambda a: a != 0, "a finite number other "
+                                                                 "than 0")]
+    numbers += [(flag, lambda share: 0 <= share < 1, "a number in [0, 1)") for flag in ("dropout_rate", "comp_ratio")]
+    for flag, valid, expected in numbers:
+        if not (math.isfinite(getattr(args, flag)) and valid(getattr(args, flag))):
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
     unknown = [p for p in args.params if p not in clip_model.PROJECTIONS]
     if unknown or len(set(args.params)) != len(args.params):
         what = f"unknown {unknown[0]!r}" if unknown else "a projection named twice"
@@ -146,9 +131,6 @@ def check_args(args):
                         f"{' '.join(clip_model.PROJECTIONS)}")
     if not args.save_path:
         raise UserError("--save_path '': expected a folder name")
-    for flag in ("workers", "checkpoint_every"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected 0 or more")
     if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
         raise UserError(f"--backbone {args.backbone!r}: expected one of {clip_model.available_models()} "
                         "or the path of a weights file")
@@ -159,7 +141,7 @@ def check_args(args):
         run = run_dir(args)  # an output written over an input of the run, or over another output, would lose it
         taken = [("--backbone", args.backbone), ("--adapter", args.adapter), ("--filename", clip_lora_file(args))]
         taken += [("--save_path", path) for path in (os.path.join(run, "adapter.pt"), os.path.join(run, "results.json"),
-                                                     run + CHECKPOINT, os.path.join(args.save_path, "results.jsonl"))]
+                                                     run + results.CHECKPOINT, os.path.join(args.save_path, "results.jsonl"))]
         for flag, path in taken:
             if path and os.path.realpath(path) == os.path.realpath(args.export_merged):
                 raise UserError(f"--export_merged {args.export_merged}: is {path}, which {flag} names; choose "
@@ -300,8 +282,7 @@ def test_loader(dataset, preprocess, args):
 # -------------------------------------------------------------------------------- training
 
 MAX_SKIPPED_STEPS = 100  # fp16: this many overflowing steps in a row stop the run (our bound; a transient one is skipped)
-CHECKPOINT = ".checkpoint.pt"  # beside the run folder: <run folder>.checkpoint.pt
-STOP = {"deferred": False, "signal": None}  # during a training step, Ctrl-C and SIGTERM wait for its end (see stop)
+STOP = {"deferred": False, "signal": None}  # while training, Ctrl-C and SIGTERM wait for the step's end (see stop)
 
 
 def train(model, dataset, args, device, resolution, identity, resume=None):
@@ -318,7 +299,6 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
                               shuffle=True, workers=args.workers, seed=args.seed)
     iteration, skipped = 0, 0
-    STOP.update(deferred=False, signal=None)
     if resume:
         model.load_state_dict(resume["lora"], strict=False)
         for part, state in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
@@ -335,17 +315,19 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
             fixed_text = text_features(model, tokens, device, precision)
 
     def save_checkpoint():
-        state = {"config": identity, "seed": args.seed, "iteration": iteration, "skipped": skipped,
+        state = {"config": dict(identity, seed=args.seed), "iteration": iteration, "skipped": skipped,
                  "lora": {k: v.cpu() for k, v in adapter_tensors(model).items()}, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states()}
-        results.save(run_dir(args) + CHECKPOINT, lambda f: torch.save(state, f))
+        state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # CPU tensors:
+                                       for index, moments in state["optimizer"]["state"].items()}  # load anywhere
+        results.save(run_dir(args) + results.CHECKPOINT, lambda f: torch.save(state, f))
 
     window = {"loss": 0.0, "correct": 0, "seen": 0, "iterations": 0}
     start = last_print = time.time()
-    while iteration < total:
-        model.train()
-        for images, target in loader:
-            STOP["deferred"] = True
+    model.train()
+    STOP.update(deferred=True, signal=None)  # from here a signal waits for the end of the step under way
+    try:
+        for images, target in itertools.islice(passes(loader), total - iteration):
             images, target = to(images, device), to(target, device)
             text = fixed_text if args.encoder == "vision" else text_features(model, tokens, device, precision,
                                                                               checkpoint)
@@ -366,7 +348,6 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
             scaler.update()
             scheduler.step()  # also after a skipped step, as the official loop (its warning is silenced in main)
             iteration += 1
-            STOP["deferred"] = False
             if STOP["signal"] or (args.checkpoint_every and iteration % args.checkpoint_every == 0 < total - iteration):
                 if args.checkpoint_every:
                     save_checkpoint()
@@ -374,20 +355,25 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
                     kept = "continue with --resume" if args.checkpoint_every else "no checkpoint (--checkpoint_every 0)"
                     raise Stopped(STOP["signal"], f"at iteration {iteration}/{total}; {kept}")
             if not skipped:
-                window["loss"] += loss.item() * len(target)
-                window["correct"] += (logits.argmax(-1) == target).sum().item()
-                window["seen"] += len(target)
-                window["iterations"] += 1
+                for key, value in (("loss", loss.item() * len(target)), ("seen", len(target)), ("iterations", 1),
+                                   ("correct", (logits.argmax(-1) == target).sum().item())):
+                    window[key] += value
             if iteration % args.print_every == 0 or iteration == total:
-                now = time.time()
-                print(f"iter {iteration}/{total}  loss {window['loss'] / max(window['seen'], 1):.4f}  train acc "
-                      f"{100 * window['correct'] / max(window['seen'], 1):.2f}  lr {scheduler.get_last_lr()[0]:.3g}  "
+                now, seen = time.time(), max(window["seen"], 1)
+                print(f"iter {iteration}/{total}  loss {window['loss'] / seen:.4f}  train acc "
+                      f"{100 * window['correct'] / seen:.2f}  lr {scheduler.get_last_lr()[0]:.3g}  "
                       f"{window['iterations'] / max(now - last_print, 1e-9):.2f} it/s  "
                       f"eta {(total - iteration) * (now - start) / iteration:.0f}s", flush=True)
                 last_print, window = now, dict.fromkeys(window, 0)
-            if iteration == total:
-                break
+    finally:
+        STOP["deferred"] = False
     return time.time() - start
+
+
+def passes(loader):
+    """The batches of pass after pass over the data, each pass shuffled anew (data.PassSampler)."""
+    while True:
+        yield from loader
 
 
 def rng_states():
@@ -403,29 +389,10 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def read_checkpoint(args, identity):
-    """The state of this configuration's checkpoint for --resume; None (said in one line) when there is none."""
-    path = run_dir(args) + CHECKPOINT
-    if not os.path.isfile(path):
-        print(f"no checkpoint {path}: starting from the beginning")
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = dict(state["config"], seed=state["seed"])
-    except Exception as error:
-        raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); delete it to start anew") from None
-    differing = next((field for field in saved if saved[field] != dict(identity, seed=args.seed).get(field)), None)
-    if differing:
-        raise UserError(f"{path}: a checkpoint with {differing} {saved[differing]!r}, this run has {differing} "
-                        f"{dict(identity, seed=args.seed).get(differing)!r}; run without --resume to start anew")
-    print(f"resuming {path} at iteration {state['iteration']}")
-    return state
-
-
 # ------------------------------------------------------------------------------------ runs
 
 def run_dir(args):
-    return os.path.join(args.save_path, args.dataset, args.method, f"{args.shots}shots", f"seed{args.seed}")
+    return results.run_dir(args.save_path, args.dataset, args.method, args.shots, args.seed)
 
 
 def run_config(args, device):
@@ -485,7 +452,7 @@ def run(args):
     device = check_args(args)
     evaluate_only = args.eval_only or bool(args.adapter)
     config, identity, out = adapter_config(args), run_config(args, device), run_dir(args)
-    adapter_path = adapter_to_evaluate(args) if evaluate_only else None
+    adapter_path, resume = adapter_to_evaluate(args) if evaluate_only else None, None
     if not evaluate_only:
         results.check_output_folder(out)
         results.recover(out)
@@ -493,7 +460,8 @@ def run(args):
             print(f"done: {out}")
             return None
         results.check_run_identity(out, identity, args.overwrite)
-    resume = read_checkpoint(args, identity) if args.resume and not evaluate_only else None
+    if args.resume and not evaluate_only:
+        resume = results.read_checkpoint(out + results.CHECKPOINT, dict(identity, seed=args.seed))
     # What a seed fixes: the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset),
     # and our own training randomness: lora_A's initialisation and the dropout masks (torch's global stream,
     # seeded here; nothing else draws from it), shuffling and crops (generators seeded per pass and sample,
@@ -560,7 +528,7 @@ def run(args):
                      log=(os.path.join(args.save_path, "results.jsonl"), json.dumps(record) + "\n"),
                      before_commit=lambda: results.check_run_identity(out, identity, args.overwrite))
         print(f"saved {os.path.join(out, 'adapter.pt')} and results.json")
-        results.remove(out + CHECKPOINT)  # the run is complete: nothing to resume
+        results.remove(out + results.CHECKPOINT)  # the run is complete: nothing to resume
     return record
 
 
@@ -597,14 +565,16 @@ def main(argv=None):
         else:
             run(args)
     except (UserError, clip_model.LoadError, data.DataError) as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as interrupt:
         number, kept = (interrupt.args + (None,))[:2] if isinstance(interrupt, Stopped) else (signal.SIGINT, None)
         print(f"interrupted {kept or '(' + signal.Signals(number).name + '): nothing of this run was written'}; "
               "earlier results are unchanged", file=sys.stderr)
         sys.exit(128 + number)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except OSError as error:  # a fault no check foresaw (disk, permissions): still one line, with the path
-        sys.exit(f"error: {f'{error.filename}: ' if error.filename else ''}{error.strerror or error}")
+        print(f"error: {f'{error.filename}: ' if error.filename else ''}{error.strerror or error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
