@@ -16,6 +16,7 @@ import os
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
+from operator import methodcaller
 
 import ftfy
 import regex
@@ -287,7 +288,7 @@ def build_model(state_dict, source="state dict"):
 def build_random(seed=0, **config):
     """A randomly initialised CLIP (OpenAI's initialisation) from a config such as TINY_CONFIG."""
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed CUDA and MPS
         return CLIP(**config).eval()
 
 
@@ -359,8 +360,9 @@ def load(name_or_path, device="cpu", download_root=None):
 def preprocess(resolution):
     """The test-time transform of openai/CLIP: bicubic resize, center crop, RGB, CLIP normalisation."""
     from torchvision import transforms as T  # only preprocessing needs torchvision
+    # methodcaller, not a lambda: DataLoader workers started by spawn or forkserver must unpickle the transform
     return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
-                      T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(), T.Normalize(MEAN, STD)])
+                      methodcaller("convert", "RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 # --------------------------------------------------------------------------- choosing what to adapt

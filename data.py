@@ -15,7 +15,9 @@ from CoOp (KaiyangZhou/CoOp `datasets/*.py`) and Dassl (`dassl/data/datasets/bas
   picks other images there. We follow CLIP-LoRA.
 - ImageNet (CLIP-LoRA `datasets/imagenet.py`): the train folder is listed as torchvision's ImageFolder does;
   per class, in label order, one `random.sample(items, shots + min(shots, 4))`: the first `shots` are train,
-  the rest val (so val comes from the train folder); test is the whole official val folder.
+  the rest val (so val comes from the train folder); test is the whole official val folder. Class names: CoOp's
+  classnames.txt if present, else imagenet_classes.txt (CLIP's names, which CLIP-LoRA's `imagenet_classes`
+  gives label i, i.e. the i-th sorted wnid; we look them up by wnid, which is the same on the 1,000 folders).
 - Prompts: every CLIP-LoRA dataset sets `template = ['a photo of a {}.']` (CoOp's per-dataset prompts are left
   there in comments); CoOp's zero-shot prompts are `CUSTOM_TEMPLATES` in CoOp `trainers/zsclip.py`.
   Both replace '_' by ' ' when formatting a prompt (CLIP-LoRA `utils.py` clip_classifier and `lora.py`; CoOp
@@ -105,22 +107,22 @@ DATASETS = {
     "imagenet_sketch": DatasetSpec(("imagenet-sketch",), ("images",), "wnid_folders", "classnames.txt"),
     "imagenet_a": DatasetSpec(("imagenet-adversarial",), ("imagenet-a",), "wnid_folders", "classnames.txt"),
     "imagenet_r": DatasetSpec(("imagenet-rendition",), ("imagenet-r",), "wnid_folders", "classnames.txt"),
-    "imagefolder": DatasetSpec((), ("",), "imagefolder"),
+    "imagefolder": DatasetSpec(("imagefolder",), ("",), "imagefolder"),
 }
 
 
 def _layout(spec):
-    folder = spec.folders[0] if spec.folders else ""
+    folder = spec.folders[0]
     images = os.path.join(folder, spec.images[0], "")
     also = f" (the folder may also be named {spec.folders[1]}/)" if len(spec.folders) > 1 else ""
     return {
         "split_json": f"{images}... and {folder}/{spec.split}{also}",
         "fgvc": f"{folder}/images/, {folder}/variants.txt and {folder}/images_variant_{{train,val,test}}.txt",
-        "imagenet": f"{folder}/images/train/<wnid>/, {folder}/images/val/<wnid>/ and {folder}/{spec.split} "
-                    f"(or {folder}/train/ and {folder}/val/, as in CLIP-LoRA's code)",
+        "imagenet": f"{folder}/images/train/<wnid>/, {folder}/images/val/<wnid>/ (or {folder}/train/, {folder}/val/ "
+                    f"as in CLIP-LoRA's code), optional {folder}/{spec.split} (else CLIP's 1,000 class names)",
         "imagenetv2": f"{images}<0..999>/ and {folder}/{spec.split}",
         "wnid_folders": f"{images}<wnid>/ and {folder}/{spec.split}",
-        "imagefolder": "ROOT/train/<class>/*, ROOT/test/<class>/*, optional ROOT/val/<class>/* (--root is ROOT)",
+        "imagefolder": f"{folder}/train/<class>/*, {folder}/test/<class>/*, optional {folder}/val/<class>/*",
     }[spec.reader]
 
 
@@ -141,28 +143,31 @@ class FewShotData:
 
 
 # ------------------------------------------------------------------------------------------ reading
+# A reader (root, name, spec, test_only) -> (classnames, train, val, test); with test_only, train may be None (not
+# listed: an evaluation-only use of ImageNet skips 1.28M files). Its messages leave the flag to build_dataset.
 
-def _existing_dir(base, candidates, name, what):
+IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
+
+
+def _existing_dir(base, candidates, name, what="folder"):
     """base/<first candidate that is a folder>, else a DataError naming the first one and the expected layout."""
     for candidate in candidates:
         if os.path.isdir(os.path.join(base, candidate)):
             return os.path.join(base, candidate)
-    raise DataError(f"{what} {os.path.join(base, candidates[0])} not found for --dataset {name} "
-                    f"(expected {DATASET_HELP[name]}; {README_HINT})")
+    raise DataError(f"{what} {os.path.join(base, candidates[0])} not found (expected {DATASET_HELP[name]}; "
+                    f"{README_HINT})")
 
 
-def _dataset_dir(root, name, spec):
-    return _existing_dir(root, spec.folders, name, "dataset folder")
-
-
-def _images_dir(directory, name, spec):
-    return _existing_dir(directory, spec.images, name, "image folder")
+def _dataset_dirs(root, name, spec):
+    """(the dataset's folder, its image folder) under the data root."""
+    directory = _existing_dir(root, spec.folders, name, "dataset folder")
+    return directory, _existing_dir(directory, spec.images, name, "image folder")
 
 
 def _required_file(directory, filename, name):
     path = os.path.join(directory, filename)
     if not os.path.isfile(path):
-        raise DataError(f"file {path} not found for --dataset {name} (expected {DATASET_HELP[name]}; {README_HINT})")
+        raise DataError(f"file {path} not found (expected {DATASET_HELP[name]}; {README_HINT})")
     return path
 
 
@@ -175,10 +180,9 @@ def _text_lines(path):
         raise DataError(f"cannot read {path} as UTF-8 text ({type(error).__name__}: {error})") from None
 
 
-def _read_split_json(root, name, spec):
+def _read_split_json(root, name, spec, test_only):
     """CoOp's split_zhou_*.json: {"train"|"val"|"test": [[path relative to the image folder, label, name]]}."""
-    directory = _dataset_dir(root, name, spec)
-    images = _images_dir(directory, name, spec)
+    directory, images = _dataset_dirs(root, name, spec)
     path = _required_file(directory, spec.split, name)
     try:
         with open(path) as f:
@@ -202,11 +206,10 @@ def _read_split_json(root, name, spec):
     return classnames, train, val, test
 
 
-def _read_fgvc(root, name, spec):
+def _read_fgvc(root, name, spec, test_only):
     """FGVC-Aircraft (CoOp datasets/fgvc_aircraft.py): variants.txt gives the labels in line order;
     images_variant_<split>.txt has lines "<image id> <variant name>" for images/<image id>.jpg."""
-    directory = _dataset_dir(root, name, spec)
-    images = _images_dir(directory, name, spec)
+    directory, images = _dataset_dirs(root, name, spec)
     classnames = [line.strip() for line in _text_lines(_required_file(directory, spec.split, name)) if line.strip()]
     label_of = {cname: label for label, cname in enumerate(classnames)}
     parts = []
@@ -230,10 +233,14 @@ def _class_folders(directory):
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _list_images(directory, label_of):
+def _list_images(directory, label_of, train_dir=None):
     """(path, label) for the images in directory/<folder>/ (recursive, sorted, ImageFolder's extensions), the
-    order torchvision's ImageFolder uses; every class folder that exists must hold at least one image."""
+    order torchvision's ImageFolder uses; every class folder that exists must hold at least one image. With
+    `train_dir`, this is another split of it: a class folder that train lacks is a mistake."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # here: importing torchvision takes 1.5 s
+    unknown = [folder for folder in _class_folders(directory) if folder not in label_of] if train_dir else []
+    if unknown:
+        raise DataError(f"class folder {os.path.join(directory, unknown[0])} has no counterpart in {train_dir}")
     items = make_dataset(directory, label_of, extensions=IMG_EXTENSIONS, allow_empty=True)
     found = {label for _, label in items}
     for folder, label in label_of.items():
@@ -243,70 +250,60 @@ def _list_images(directory, label_of):
     return items
 
 
-def _read_wnid_names(directory, name, spec):
-    """CoOp's classnames.txt: lines "<wnid> <class name>" (CoOp datasets/imagenet.py read_classnames)."""
-    names = {}
-    for line in _text_lines(_required_file(directory, spec.split, name)):
-        wnid, _, cname = line.strip().partition(" ")
-        if wnid:
-            names[wnid] = cname
-    return names
+def _wnid_names(path):
+    """{wnid: class name} from lines "<wnid> <class name>" (CoOp's classnames.txt, CoOp datasets/imagenet.py)."""
+    pairs = (line.strip().partition(" ") for line in _text_lines(path))
+    return {wnid: cname.replace("_", " ") for wnid, _, cname in pairs if wnid}
 
 
-def _names_for(wnids, names, directory, spec):
+def _names_for(wnids, path):
+    names = _wnid_names(path)
     missing = [wnid for wnid in wnids if wnid not in names]
     if missing:
-        raise DataError(f"class folder {missing[0]} is not listed in {os.path.join(directory, spec.split)}")
-    return [names[wnid].replace("_", " ") for wnid in wnids]
+        raise DataError(f"class folder {missing[0]} is not listed in {path}")
+    return [names[wnid] for wnid in wnids]
 
 
-def _read_imagenet(root, name, spec):
-    directory = _dataset_dir(root, name, spec)
-    images = _images_dir(directory, name, spec)
-    train_dir, test_dir = (_existing_dir(images, (part,), name, "folder") for part in ("train", "val"))
+def _read_imagenet(root, name, spec, test_only):
+    directory, images = _dataset_dirs(root, name, spec)
+    train_dir, test_dir = (_existing_dir(images, (part,), name) for part in ("train", "val"))
     wnids = _class_folders(train_dir)
-    classnames = _names_for(wnids, _read_wnid_names(directory, name, spec), directory, spec)
+    names = os.path.join(directory, spec.split)
+    classnames = _names_for(wnids, names if os.path.isfile(names) else IMAGENET_CLASSES)
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
-    return classnames, _list_images(train_dir, label_of), None, _list_other_split(test_dir, label_of, train_dir)
+    train = None if test_only else _list_images(train_dir, label_of)
+    return classnames, train, None, _list_images(test_dir, label_of, train_dir)
 
 
-def _read_imagenetv2(root, name, spec):
+def _read_imagenetv2(root, name, spec, test_only):
     """ImageNetV2 (CoOp datasets/imagenetv2.py): folder <i> holds class i, named by line i of classnames.txt."""
-    directory = _dataset_dir(root, name, spec)
-    images = _images_dir(directory, name, spec)
-    classnames = [cname.replace("_", " ") for cname in _read_wnid_names(directory, name, spec).values()]
+    directory, images = _dataset_dirs(root, name, spec)
+    classnames = list(_wnid_names(_required_file(directory, spec.split, name)).values())
     return classnames, [], [], _list_images(images, {str(label): label for label in range(len(classnames))})
 
 
-def _read_wnid_folders(root, name, spec):
+def _read_wnid_folders(root, name, spec, test_only):
     """ImageNet-Sketch/-A/-R (CoOp datasets/imagenet_sketch.py, imagenet_a.py, imagenet_r.py): the class set is
     the <wnid> folders present (200 for A and R), labelled 0.. in sorted order, named by classnames.txt."""
-    directory = _dataset_dir(root, name, spec)
-    images = _images_dir(directory, name, spec)
+    directory, images = _dataset_dirs(root, name, spec)
     wnids = _class_folders(images)
-    classnames = _names_for(wnids, _read_wnid_names(directory, name, spec), directory, spec)
+    classnames = _names_for(wnids, _required_file(directory, spec.split, name))
     return classnames, [], [], _list_images(images, {wnid: label for label, wnid in enumerate(wnids)})
 
 
-def _read_imagefolder(root, name, spec):
-    """The user's data: ROOT/train/<class>/, ROOT/test/<class>/, optional ROOT/val/<class>/ (val = [] without)."""
-    train_dir, test_dir = (_existing_dir(root, (part,), name, "folder") for part in ("train", "test"))
+def _read_imagefolder(root, name, spec, test_only):
+    """The user's data: <root>/imagefolder/{train,test}/<class>/, optional .../val/<class>/ (val = [] without)."""
+    directory, _ = _dataset_dirs(root, name, spec)
+    train_dir, test_dir = (_existing_dir(directory, (part,), name) for part in ("train", "test"))
     folders = _class_folders(train_dir)
     if not folders:
         raise DataError(f"folder {train_dir} has no class sub-folders (expected {DATASET_HELP[name]})")
     label_of = {folder: label for label, folder in enumerate(folders)}
-    val_dir = os.path.join(root, "val")
-    val = _list_other_split(val_dir, label_of, train_dir) if os.path.isdir(val_dir) else []
+    val_dir = os.path.join(directory, "val")
+    train = None if test_only else _list_images(train_dir, label_of)
+    val = [] if test_only or not os.path.isdir(val_dir) else _list_images(val_dir, label_of, train_dir)
     classnames = [folder.replace("_", " ") for folder in folders]
-    return classnames, _list_images(train_dir, label_of), val, _list_other_split(test_dir, label_of, train_dir)
-
-
-def _list_other_split(directory, label_of, train_dir):
-    """Like _list_images, with train's labels; a class folder that train lacks is a mistake."""
-    unknown = [folder for folder in _class_folders(directory) if folder not in label_of]
-    if unknown:
-        raise DataError(f"class folder {os.path.join(directory, unknown[0])} has no counterpart in {train_dir}")
-    return _list_images(directory, label_of)
+    return classnames, train, val, _list_images(test_dir, label_of, train_dir)
 
 
 def _check_every_class_has_images(items, classnames, where):
@@ -318,6 +315,10 @@ def _check_every_class_has_images(items, classnames, where):
 
 _READERS = {"split_json": _read_split_json, "fgvc": _read_fgvc, "imagenet": _read_imagenet,
             "imagenetv2": _read_imagenetv2, "wnid_folders": _read_wnid_folders, "imagefolder": _read_imagefolder}
+
+# (name, absolute root) -> its reader's output. A run asks for a dataset more than once (--subsample base builds
+# "base" and "new"; --eval_datasets): its files are read once per process. After changing them: LISTINGS.clear().
+LISTINGS = {}
 
 
 # ----------------------------------------------------------------------------------------- protocol
@@ -369,40 +370,50 @@ def subsample_classes(classnames, splits, subsample):
             [[(path, new_label[label]) for path, label in split if label in new_label] for split in splits])
 
 
-def build_dataset(name, root, shots, seed, subsample="all"):
-    """Read dataset `name` under `root` (the data root; for "imagefolder", ROOT itself), seed Python's `random`
-    with `seed` and draw CLIP-LoRA's few-shot train/val, then keep CoCoOp's base or new half if asked.
-    Eval-only datasets (imagenetv2, imagenet_sketch, imagenet_a, imagenet_r) ignore `shots`: train = val = []."""
+def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", test_only=False):
+    """Read dataset `name` under the data root `root`, seed Python's `random` with `seed` and draw CLIP-LoRA's
+    few-shot train/val, then keep CoCoOp's base or new half if asked. `flag` is the option that named the
+    dataset, for messages. With `test_only` (evaluation-only uses), or for the eval-only datasets (imagenetv2,
+    imagenet_sketch, imagenet_a, imagenet_r), train = val = [] and `shots` is not used."""
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        raise DataError(f"{flag}: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < (0 if spec.eval_only else 1):
+    test_only = test_only or spec.eval_only
+    if not test_only and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise DataError(f"--shots {shots!r}: expected a positive integer")
     if subsample not in SUBSAMPLES or (spec.eval_only and subsample != "all"):
         allowed = "all" if spec.eval_only else ", ".join(SUBSAMPLES)
-        raise DataError(f"subsample {subsample!r} for --dataset {name}: expected {allowed}")
+        raise DataError(f"subsample {subsample!r} for {flag} {name}: expected {allowed}")
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
         state = "is not a folder" if os.path.exists(root) else "does not exist"
         raise DataError(f"data root {root} {state} (--root; {README_HINT})")
-
-    random.seed(seed)  # where CLIP-LoRA's main.py seeds: before the dataset is built
-    classnames, train, val, test = _READERS[spec.reader](root, name, spec)
-    if spec.reader == "imagenet":
-        train, val = _draw_imagenet(train, shots, classnames)
-    elif not spec.eval_only:
-        # CLIP-LoRA datasets/<name>.py: val first, then train (CoOp draws train first)
-        val = draw_fewshot(val, min(shots, 4), classnames, "val")
-        train = draw_fewshot(train, shots, classnames, "train")
-    if not test:
-        raise DataError(f"--dataset {name} under {root}: the test split holds no images")
-    # a split file may list images that are not there: say so now, not after minutes of encoding
-    missing = next((path for path, _ in (*train, *val, *test) if not os.path.isfile(path)), None)
-    if missing:
-        raise DataError(f"image {missing} is listed for --dataset {name} but does not exist ({README_HINT})")
+    try:
+        listing = LISTINGS.get((name, root))
+        if listing is None or (listing[1] is None and not test_only):  # not read yet, or without train
+            listing = LISTINGS[name, root] = _READERS[spec.reader](root, name, spec, test_only)
+        classnames, train, val, test = listing
+        random.seed(seed)  # as CLIP-LoRA's main.py, before the draw (reading the files draws nothing)
+        if test_only:
+            train, val = [], []
+        elif spec.reader == "imagenet":
+            train, val = _draw_imagenet(train, shots, classnames)
+        else:  # CLIP-LoRA datasets/<name>.py: val first, then train (CoOp draws train first)
+            val = draw_fewshot(val, min(shots, 4), classnames, "val")
+            train = draw_fewshot(train, shots, classnames, "train")
+        if not test:
+            raise DataError(f"the test split under {root} holds no images")
+        # a split file may list images that are not there: say so now, not after minutes of encoding
+        listed = (*train, *val, *test) if spec.reader in ("split_json", "fgvc") else ()  # others: just listed
+        missing = next((path for path, _ in listed if not os.path.isfile(path)), None)
+        if missing:
+            raise DataError(f"image {missing} is listed but does not exist ({README_HINT})")
+    except DataError as error:
+        raise DataError(f"{flag} {name}: {error}") from None
     # CoCoOp subsamples after the few-shot draw (CoOp datasets/*.py), so the draw does not depend on it
     classnames, (train, val, test) = subsample_classes(classnames, (train, val, test), subsample)
-    return FewShotData(name, classnames, ["a photo of a {}."], spec.zeroshot_template, train, val, test)
+    train, val, test = (list(split) for split in (train, val, test))  # copies: LISTINGS keeps its lists as read
+    return FewShotData(name, list(classnames), ["a photo of a {}."], spec.zeroshot_template, train, val, test)
 
 
 # -------------------------------------------------------------------------------- images and loaders
@@ -466,18 +477,18 @@ class ImageList(torch.utils.data.Dataset):
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, zlib.error... on bad files
             raise DataError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
         with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's global RNG
-            torch.manual_seed(_sample_seed(self.seed, p, index))
+            torch.default_generator.manual_seed(_sample_seed(self.seed, p, index))  # CPU only, not CUDA/MPS
             return self.transform(rgb), label
 
 
-def make_loader(items, transform, batch_size, shuffle, workers, seed=0):
+def make_loader(items, transform, batch_size, shuffle, workers, seed=0, pin_memory=False):
     """A DataLoader over `items` whose order and augmentations depend on `seed` alone, not on `workers`;
-    it never draws from torch's global random stream."""
+    it never draws from torch's global random stream. pin_memory: only when the batches go to a CUDA device."""
     if shuffle and not items:
         raise DataError("no images to train on: the training split is empty")
     return torch.utils.data.DataLoader(ImageList(items, transform, seed), batch_size=batch_size,
                                        sampler=PassSampler(len(items), shuffle, seed), num_workers=workers,
-                                       drop_last=False, pin_memory=torch.cuda.is_available(),
+                                       drop_last=False, pin_memory=pin_memory,
                                        # the loader's own seed draws (worker seeds) come from here, not torch's
                                        generator=torch.Generator().manual_seed(seed),
                                        # few-shot epochs are a batch or two: keep workers alive across them

@@ -6,6 +6,7 @@ no network, no GPU. Ends with a line `N passed, N failed`.
 import concurrent.futures
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
@@ -790,11 +791,19 @@ class TestData(unittest.TestCase):
     # ------------------------------------------------------------------ other layouts
 
     def test_imagefolder_layout(self):
-        built = data.build_dataset("imagefolder", os.path.join(self.synthetic, "imagefolder"), 3, 0)
+        built = data.build_dataset("imagefolder", self.synthetic, 3, 0)  # <root>/imagefolder, as every dataset
         self.assertEqual(built.classnames[:2], ["annual crop land", "forest"])
         self.assertEqual(len(built.classnames), 5)
         self.assertEqual((len(built.train), built.val, len(built.test)), (15, [], 40))
         self.assertTrue(all(os.path.isabs(path) and os.path.exists(path) for path, _ in built.test))
+        test_dir = os.path.join(self.synthetic, "imagefolder", "test", "")
+        self.assertTrue(all(path.startswith(test_dir) for path, _ in built.test))
+        evaluated = data.build_dataset("imagefolder", self.synthetic, 3, 0, flag="--eval_datasets", test_only=True)
+        self.assertEqual((evaluated.classnames, evaluated.train, evaluated.val, evaluated.test),
+                         (built.classnames, [], [], built.test))
+        # the error names the flag that named the dataset, and the folder under the data root
+        self.assertDataError(f"--eval_datasets imagefolder: dataset folder {self.tmp}/imagefolder not found",
+                             data.build_dataset, "imagefolder", self.tmp, 3, 0, flag="--eval_datasets", test_only=True)
 
     def test_imagenet_r_uses_the_folders_present(self):
         root = os.path.join(self.tmp, "variants")
@@ -898,10 +907,11 @@ class TestData(unittest.TestCase):
 
     def test_class_without_images_is_named(self):
         root = os.path.join(self.tmp, "emptyclass")
-        touch(os.path.join(root, "train", "cat", "a.png"))
-        os.makedirs(os.path.join(root, "train", "dog"))
-        touch(os.path.join(root, "test", "cat", "b.png"))
-        self.assertDataError(os.path.join(root, "train", "dog"), data.build_dataset, "imagefolder", root, 1, 0)
+        touch(os.path.join(root, "imagefolder", "train", "cat", "a.png"))
+        os.makedirs(os.path.join(root, "imagefolder", "train", "dog"))
+        touch(os.path.join(root, "imagefolder", "test", "cat", "b.png"))
+        self.assertDataError(f"--dataset imagefolder: class folder {os.path.join(root, 'imagefolder', 'train', 'dog')}",
+                             data.build_dataset, "imagefolder", root, 1, 0)
         split_root = os.path.join(self.tmp, "gap")
         os.makedirs(os.path.join(split_root, "eurosat", "2750"))
         with open(os.path.join(split_root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
@@ -928,7 +938,7 @@ class TestData(unittest.TestCase):
         shutil.copytree(os.path.join(self.synthetic, "eurosat"), os.path.join(root, "eurosat"))
         victim = os.path.join(root, "eurosat", "2750", "Forest", "Forest_20.jpg")  # Forest's last test image
         os.remove(victim)
-        self.assertDataError(f"image {victim} is listed for --dataset eurosat but does not exist",
+        self.assertDataError(f"--dataset eurosat: image {victim} is listed but does not exist",
                              data.build_dataset, "eurosat", root, 2, 0)
 
     def test_split_labels_must_be_non_negative_integers(self):
@@ -973,6 +983,154 @@ class TestData(unittest.TestCase):
         self.assertEqual(sorted(torch.cat([labels for _, labels in first]).tolist()), sorted(l for _, l in built.train))
         self.assertEqual([labels.tolist() for _, labels in batches(0)], [labels.tolist() for _, labels in first])
         self.assertNotEqual([labels.tolist() for _, labels in batches(1)], [labels.tolist() for _, labels in first])
+
+    def test_loaders_pickle_and_run_under_spawn(self):
+        """Workers started by spawn (macOS, Windows) or forkserver (Linux from Python 3.14) unpickle what the
+        demo's loaders hold (dataset, transform); what they load equals what workers=0 loads. One worker over
+        both datasets: a spawned worker imports torch afresh (seconds); --workers independence: TestTrain."""
+        items = data.build_dataset("eurosat", self.synthetic, 2, 0).train
+        loaders = [data.make_loader(items, transform, batch_size=4, shuffle=False, workers=0, seed=3)
+                   for transform in (clip_model.preprocess(24), data.train_transform(24))]
+        both = torch.utils.data.ConcatDataset([loader.dataset for loader in loaders])  # index i: pass 0, image i
+        spawned = torch.utils.data.DataLoader(both, batch_size=4, num_workers=1, multiprocessing_context="spawn",
+                                              collate_fn=list)
+        got = [sample for batch in spawned for sample in batch]
+        expected = [sample for loader in loaders for images, labels in loader for sample in zip(images, labels)]
+        self.assertEqual(len(got), 2 * len(items))
+        for (image, label), (want_image, want_label) in zip(got, expected):
+            self.assertTrue(torch.equal(image, want_image) and label == want_label.item())
+
+    def test_no_cuda_or_mps_reseeding_and_augmentations_unchanged(self):
+        """torch.manual_seed reseeds CUDA and MPS too (fork_rng(devices=[]) restores neither): neither model
+        building nor data loading may call it. The CPU streams stay those of torch.manual_seed, restated here."""
+        items = data.build_dataset("eurosat", self.synthetic, 2, 0).train
+        transform = data.train_transform(24)
+        with mock.patch.object(torch.cuda, "manual_seed_all", wraps=torch.cuda.manual_seed_all) as cuda, \
+                mock.patch.object(torch.mps, "manual_seed", wraps=torch.mps.manual_seed) as mps:
+            model = clip_model.build_random(3, **clip_model.TINY_CONFIG)
+            loader = data.make_loader(items, transform, batch_size=4, shuffle=True, workers=0, seed=5)
+            got = [list(loader) for _ in range(2)]
+        self.assertEqual((cuda.call_count, mps.call_count), (0, 0))
+
+        def seed_of(*numbers):  # data.py's documented rule: blake2b-64 of repr(numbers), halved to 63 bits
+            return int.from_bytes(hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest(), "little") >> 1
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            reference = clip_model.CLIP(**clip_model.TINY_CONFIG)
+            for p, batches in enumerate(got):
+                order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed_of(5, p))).tolist()
+                for b, (images, labels) in enumerate(batches):
+                    expected = []
+                    for index in order[4 * b:4 * b + 4]:
+                        torch.manual_seed(seed_of(5, p, index))
+                        expected.append(transform(Image.open(items[index][0]).convert("RGB")))
+                    self.assertTrue(torch.equal(images, torch.stack(expected)), (p, b))
+                    self.assertEqual(labels.tolist(), [items[index][1] for index in order[4 * b:4 * b + 4]])
+        self.assertEqual(sum(len(batches) for batches in got), 2 * math.ceil(len(items) / 4))
+        for name, tensor in reference.state_dict().items():
+            self.assertTrue(torch.equal(model.state_dict()[name], tensor), name)
+
+    def test_pin_memory_only_when_asked(self):
+        items = data.build_dataset("eurosat", self.synthetic, 2, 0).train
+        with mock.patch.object(torch.cuda, "is_available", return_value=True):  # a GPU machine, --device cpu
+            self.assertFalse(data.make_loader(items, data.train_transform(24), 4, True, 0).pin_memory)
+        self.assertTrue(data.make_loader(items, data.train_transform(24), 4, True, 0, pin_memory=True).pin_memory)
+
+    # ------------------------------------------------------------------ ImageNet without classnames.txt, listings
+
+    def test_vendored_imagenet_class_names(self):
+        """imagenet_classes.txt: the 1,000 sorted ImageNet wnids, each with CLIP's name (openai/CLIP notebooks/
+        Prompt_Engineering_for_ImageNet.ipynb, = CLIP-LoRA's imagenet_classes), unchanged since README's sha256."""
+        with open(data.IMAGENET_CLASSES, "rb") as f:
+            content = f.read()
+        with open(os.path.join(HERE, "README.md")) as f:
+            recorded = re.search(r"`imagenet_classes\.txt` holds[\s\S]*?sha256\s+`([0-9a-f]{64})`", f.read()).group(1)
+        self.assertEqual(hashlib.sha256(content).hexdigest(), recorded)
+        lines = [line.split(" ", 1) for line in content.decode().splitlines()]
+        wnids, names = [wnid for wnid, _ in lines], [name for _, name in lines]
+        self.assertEqual(len(lines), 1000)
+        self.assertEqual(wnids, sorted(set(wnids)))
+        self.assertEqual([names[i] for i in (0, 1, 2, 407, 657, 744, 836, 837, 999)],
+                         ["tench", "goldfish", "great white shark", "ambulance", "missile", "missile", "sunglasses",
+                          "sunglasses", "toilet paper"])  # CLIP's list names two classes each "missile", "sunglasses"
+        self.assertEqual((wnids[0], wnids[999]), ("n01440764", "n15075141"))
+        self.assertFalse([name for name in names if "_" in name or name != name.strip()])
+
+    def test_imagenet_in_clip_lora_layout(self):
+        """imagenet/{train,val}/<wnid>/ without classnames.txt: CLIP-LoRA's class names (imagenet_classes[label],
+        label = the sorted folder's index) and its draw (datasets/imagenet.py), restated here, on the 1,000
+        folders; then a few classes (named by wnid), a classnames.txt that wins, and folders no list names."""
+        with open(data.IMAGENET_CLASSES) as f:
+            wnids, clip_names = zip(*(line.split(" ", 1) for line in f.read().splitlines()))
+        root = os.path.join(self.tmp, "clip_lora_imagenet")
+        for wnid in wnids:  # 2 images per class: shots 1 + val 1 (a sample of 2 from 2 still draws an order)
+            os.makedirs(os.path.join(root, "imagenet", "train", wnid))
+            for i in range(2):
+                open(os.path.join(root, "imagenet", "train", wnid, f"{wnid}_{i}.JPEG"), "w").close()
+        touch(os.path.join(root, "imagenet", "val", wnids[0], "ILSVRC2012_val.JPEG"))  # test: any class will do
+        built = data.build_dataset("imagenet", root, 1, 2)
+        random.seed(2)  # CLIP-LoRA: ImageFolder (sorted folders, sorted files), per label random.sample(shots + 1)
+        train, val = [], []
+        for label, wnid in enumerate(sorted(os.listdir(os.path.join(root, "imagenet", "train")))):
+            folder = os.path.join(root, "imagenet", "train", wnid)
+            picked = random.sample(sorted(os.path.join(folder, name) for name in os.listdir(folder)), 1 + 1)
+            train.append((picked[0], label))
+            val.append((picked[1], label))
+        self.assertEqual(built.classnames, list(clip_names))
+        self.assertEqual((built.train, built.val, len(built.test)), (train, val, 1))
+        self.assertTrue(any(path.endswith("_1.JPEG") for path, _ in built.train))  # a draw, not the first files
+
+        few = os.path.join(self.tmp, "few_imagenet")
+        for wnid in ("n01443537", "n15075141", "n01440764"):
+            touch(os.path.join(few, "imagenet", "train", wnid, "a.JPEG"))
+            touch(os.path.join(few, "imagenet", "val", wnid, "b.JPEG"))
+        self.assertEqual(data.build_dataset("imagenet", few, 1, 0, test_only=True).classnames,
+                         ["tench", "goldfish", "toilet paper"])
+        data.LISTINGS.clear()  # the files change below
+        with open(os.path.join(few, "imagenet", "classnames.txt"), "w") as f:
+            f.write("n01440764 tinca\nn01443537 carassius\nn15075141 paper\n")
+        self.assertEqual(data.build_dataset("imagenet", few, 1, 0, test_only=True).classnames,
+                         ["tinca", "carassius", "paper"])
+        with open(os.path.join(few, "imagenet", "classnames.txt"), "w") as f:
+            f.write("n01440764 tinca\nn01443537 carassius\n")
+        data.LISTINGS.clear()
+        self.assertDataError(f"--dataset imagenet: class folder n15075141 is not listed in {few}/imagenet/classnames.txt",
+                             data.build_dataset, "imagenet", few, 1, 0)
+        os.remove(os.path.join(few, "imagenet", "classnames.txt"))
+        touch(os.path.join(few, "imagenet", "train", "n99999999", "a.JPEG"))
+        self.assertDataError(f"class folder n99999999 is not listed in {data.IMAGENET_CLASSES}",
+                             data.build_dataset, "imagenet", few, 1, 0, flag="--eval_datasets", test_only=True)
+
+    def test_files_are_listed_once_per_process(self):
+        """The base and the new half of a base-to-new run and an evaluation-only use list the folders once;
+        an evaluation-only use of ImageNet lists no train image."""
+        data.LISTINGS.clear()
+        with mock.patch("os.scandir", wraps=os.scandir) as scandir:
+            base = data.build_dataset("imagefolder", self.synthetic, 2, 0, subsample="base")
+            listed = scandir.call_count
+            new = data.build_dataset("imagefolder", self.synthetic, 2, 0, subsample="new")
+            data.build_dataset("imagefolder", self.synthetic, 2, 0, flag="--eval_datasets", test_only=True)
+            self.assertGreater(listed, 10)  # the folders of train and test, and their class folders
+            self.assertEqual(scandir.call_count, listed)
+        self.assertEqual((len(base.classnames), len(new.classnames)), (3, 2))
+        root = os.path.join(self.tmp, "eval_imagenet")
+        for wnid in ("n01440764", "n01443537"):
+            for i in range(6):
+                touch(os.path.join(root, "imagenet", "images", "train", wnid, f"{i}.JPEG"))
+            touch(os.path.join(root, "imagenet", "images", "val", wnid, "v.JPEG"))
+        with mock.patch("os.scandir", wraps=os.scandir) as scandir:
+            evaluated = data.build_dataset("imagenet", root, 1, 0, flag="--eval_datasets", test_only=True)
+            self.assertEqual([call for call in scandir.call_args_list if f"train{os.sep}n0" in str(call)], [])
+            self.assertEqual(len([call for call in scandir.call_args_list if f"val{os.sep}n0" in str(call)]), 2)
+            trained = data.build_dataset("imagenet", root, 2, 0)  # a full use after an evaluation-only one
+            self.assertEqual(len([call for call in scandir.call_args_list if f"train{os.sep}n0" in str(call)]), 2)
+            listed = scandir.call_count
+            again = data.build_dataset("imagenet", root, 2, 0, subsample="base")
+            data.build_dataset("imagenet", root, 1, 0, flag="--eval_datasets", test_only=True)
+            self.assertEqual(scandir.call_count, listed)
+        self.assertEqual((evaluated.train, evaluated.test, len(trained.train)), ([], trained.test, 4))
+        self.assertEqual(again.train, [(path, label) for path, label in trained.train if label == 0])
 
 
 # --------------------------------------------------------------------------------------- train.py
@@ -1079,12 +1237,11 @@ class TestTrain(WithSyntheticData):
 
     def test_retention_and_base_to_new_against_independent_accuracies(self):
         args = self.args("--n_iters", "2", "--eval_datasets", "imagefolder", out="ret")
-        with mock.patch.object(train, "load_dataset", side_effect=self._load_with_imagefolder):
-            results, printed = quiet(train.run, args)
+        results, printed = quiet(train.run, args)  # the real loading code: imagefolder under --root, as eurosat
         self.assertIn("imagefolder: zero-shot plain", printed)
         plain, _ = clip_model.load("tiny")
         adapted_model = self.saved_model(args)
-        folder = data.build_dataset("imagefolder", os.path.join(self.root, "imagefolder"), 4, 1)
+        folder = data.build_dataset("imagefolder", self.root, 4, 1)
         expected_plain = independent_accuracy(plain, folder.test, folder.classnames, folder.zeroshot_template)
         expected_adapted = independent_accuracy(adapted_model, folder.test, folder.classnames, folder.zeroshot_template)
         row = results["retention"]["imagefolder"]
@@ -1117,10 +1274,6 @@ class TestTrain(WithSyntheticData):
         train.add_adapters(model, config)
         train.load_adapters(os.path.join(train.run_dir(args), "adapter.pt"), model, config)
         return model.eval()
-
-    def _load_with_imagefolder(self, name, args, subsample="all"):
-        root = os.path.join(self.root, "imagefolder") if name == "imagefolder" else args.root
-        return data.build_dataset(name, root, args.shots, args.seed, subsample)
 
     def test_nan_loss_stops_and_writes_nothing(self):
         args = self.args("--lr", "1e30", "--n_iters", "4", out="nan")
