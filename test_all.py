@@ -1239,6 +1239,9 @@ class TestTrain(WithSyntheticData):
         args = self.args("--n_iters", "2", "--eval_datasets", "imagefolder", out="ret")
         results, printed = quiet(train.run, args)  # the real loading code: imagefolder under --root, as eurosat
         self.assertIn("imagefolder: zero-shot plain", printed)
+        self.assertIn("test accuracy: ", printed)
+        self.assertIn(" (prompt 'a photo of a {}.')\n", printed)
+        self.assertEqual(results["template"], "a photo of a {}.")
         plain, _ = clip_model.load("tiny")
         adapted_model = self.saved_model(args)
         folder = data.build_dataset("imagefolder", self.root, 4, 1)
@@ -1266,6 +1269,19 @@ class TestTrain(WithSyntheticData):
         self.assertAlmostEqual(results["new_accuracy"], expected_new, places=4)
         self.assertAlmostEqual(results["harmonic_mean"], 2 * expected_base * expected_new / (expected_base + expected_new)
                                if expected_base + expected_new else 0.0, places=4)
+
+    def test_demo_reads_every_dataset_under_one_root_and_names_each_prompt(self):
+        """--dataset synthetic --eval_datasets imagefolder,synthetic without --root: both read from the demo folder;
+        the same images scored with two prompts give two numbers, each naming its prompt."""
+        save_path = os.path.join(self.tmp.name, "demo_root")
+        record, printed = quiet(train.run, train.parse_args([
+            "--dataset", "synthetic", "--eval_datasets", "imagefolder,synthetic", "--backbone", "tiny", "--shots", "2",
+            "--n_iters", "1", "--workers", "0", "--device", "cpu", "--save_path", save_path]))
+        self.assertEqual(sorted(record["retention"]), ["imagefolder", "synthetic"])
+        self.assertEqual(record["retention"]["synthetic"]["template"], "a centered satellite photo of {}.")
+        self.assertRegex(printed, r"test accuracy: [\d.]+ \(prompt 'a photo of a \{\}\.'\)")
+        self.assertRegex(printed, r"synthetic: zero-shot plain [\d.]+  adapted [\d.]+  retention \S+ \(prompt "
+                                  r"'a centered satellite photo of \{\}\.', CoOp's for this dataset\)")
 
     def saved_model(self, args):
         """A fresh tiny CLIP with the adapter that `args`' run saved, in eval mode."""

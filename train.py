@@ -276,7 +276,8 @@ def zero_shot_accuracy(model, dataset, template, preprocess, args, device, cache
 
 
 def test_loader(dataset, preprocess, args):
-    return data.make_loader(dataset.test, preprocess, batch_size=256, shuffle=False, workers=args.workers)
+    return data.make_loader(dataset.test, preprocess, batch_size=256, shuffle=False, workers=args.workers,
+                            pin_memory=args.device.startswith("cuda"))
 
 
 # -------------------------------------------------------------------------------- training
@@ -297,7 +298,7 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     # lora.py; GradScaler's defaults); bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
-                              shuffle=True, workers=args.workers, seed=args.seed)
+                              shuffle=True, workers=args.workers, seed=args.seed, pin_memory=device.type == "cuda")
     iteration, skipped = 0, 0
     if resume:
         model.load_state_dict(resume["lora"], strict=False)
@@ -403,11 +404,17 @@ def run_config(args, device):
     return config
 
 
-def load_dataset(name, args, subsample="all"):
-    if name == "synthetic":  # the offline demo: a tiny dataset in EuroSAT's real layout, in a folder of its own
-        root = data.write_synthetic(args.root or os.path.join(args.save_path, "synthetic_data"))
-        return data.build_dataset("eurosat", root, args.shots, args.seed, subsample)
-    return data.build_dataset(name, args.root, args.shots, args.seed, subsample)
+def load_datasets(args):
+    """(dataset, its new classes or None, {name: eval dataset}), all under one data root. The offline demo
+    (--dataset synthetic) writes EuroSAT's and imagefolder's layouts into a folder of its own and reads them there."""
+    root = data.write_synthetic(args.root or os.path.join(args.save_path, "synthetic_data")) \
+        if args.dataset == "synthetic" else args.root
+    name = "eurosat" if args.dataset == "synthetic" else args.dataset
+    dataset = data.build_dataset(name, root, args.shots, args.seed, args.subsample)
+    novel = data.build_dataset(name, root, args.shots, args.seed, "new") if args.subsample == "base" else None
+    others = {other: data.build_dataset("eurosat" if other == "synthetic" else other, root, args.shots, args.seed,
+                                        flag="--eval_datasets", test_only=True) for other in eval_datasets(args)}
+    return dataset, novel, others
 
 
 def adapter_to_evaluate(args):
@@ -468,9 +475,7 @@ def run(args):
     # data.make_loader). It does not replay the official code's streams for those (CLIP-LoRA run_utils.py).
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    dataset = load_dataset(args.dataset, args, args.subsample)  # reads split files and lists images: cheap
-    others = {name: load_dataset(name, args) for name in eval_datasets(args)}
-    novel = load_dataset(args.dataset, args, "new") if args.subsample == "base" else None
+    dataset, novel, others = load_datasets(args)  # reads split files and lists images: cheap
     model, preprocess = clip_model.load(args.backbone, device=device)
     check_fits(model, config)
     print(f"{args.dataset}: {len(dataset.classnames)} classes, {len(dataset.train)} training images "
@@ -479,7 +484,7 @@ def run(args):
     template = dataset.template[0]
     test_cache = image_features(model, test_loader(dataset, preprocess, args), device, args.precision)
     zero_shot = zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=test_cache)
-    print(f"zero-shot accuracy of the plain model: {zero_shot:.2f}")
+    print(f"zero-shot accuracy of the plain model: {zero_shot:.2f} (prompt {template!r})")
     plain_others = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
                     for name, ds in others.items()}
 
@@ -496,25 +501,27 @@ def run(args):
         layer.merge()
     cached = test_cache if args.encoder == "text" else None  # the image tower is unchanged when only text adapts
     final = zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=cached)
-    print(f"test accuracy: {final:.2f}")
+    print(f"test accuracy: {final:.2f} (prompt {template!r})")
 
-    record = {"config": identity, "args": vars(args), "zero_shot_accuracy": zero_shot, "accuracy": final,
+    record = {"config": identity, "args": vars(args), "template": template, "zero_shot_accuracy": zero_shot,
+              "accuracy": final,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "train_seconds": seconds, "torch": torch.__version__, "device": device_name(device)}
     if others:
         adapted = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
                    for name, ds in others.items()}
         record["retention"] = {name: {"plain": plain_others[name], "adapted": adapted[name], "retention":
-                                      adapted[name] / plain_others[name] if plain_others[name] else None}
-                               for name in others}
+                                      adapted[name] / plain_others[name] if plain_others[name] else None,
+                                      "template": ds.zeroshot_template} for name, ds in others.items()}
         for name, row in record["retention"].items():
             kept = "n/a" if row["retention"] is None else f"{row['retention']:.3f}"
-            print(f"{name}: zero-shot plain {row['plain']:.2f}  adapted {row['adapted']:.2f}  retention {kept}")
+            print(f"{name}: zero-shot plain {row['plain']:.2f}  adapted {row['adapted']:.2f}  retention {kept} "
+                  f"(prompt {row['template']!r}, CoOp's for this dataset)")
     if novel is not None:
         new = zero_shot_accuracy(model, novel, template, preprocess, args, device)
         record.update(base_accuracy=final, new_accuracy=new,
                       harmonic_mean=2 * final * new / (final + new) if final + new else 0.0)
-        print(f"base {final:.2f}  new {new:.2f}  harmonic mean {record['harmonic_mean']:.2f}")
+        print(f"base {final:.2f}  new {new:.2f}  harmonic mean {record['harmonic_mean']:.2f} (prompt {template!r})")
 
     if args.export_merged:
         merged = clip_model.fuse_attention({key.replace(".base.", "."): value.cpu() for key, value in
