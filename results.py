@@ -171,12 +171,11 @@ def running(pid):
     if os.name == "nt" or pid == os.getpid():  # on Windows os.kill would end the process: assume it runs
         return os.name == "nt"
     try:
-        os.kill(pid, 0)
+        return os.kill(pid, 0) or True
     except ProcessLookupError:
         return False
     except OSError:  # alive, another user's
-        pass
-    return True
+        return True
 
 
 @contextlib.contextmanager
@@ -216,32 +215,23 @@ def sync_folder(folder):
             os.close(fd)
 
 
-def check_new_file(path, flag):
-    """`path` can be written: its folder exists and takes a file, and it is not itself a folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: " + ("is a folder; expected a file name" if os.path.isdir(path) else
+def check_writable(path, what, new_file=True):
+    """Before any work, that `path` can be written later, creating nothing: a new file in an existing folder, or
+    (new_file=False) a folder that `save` may create, below an existing folder that takes files."""
+    folder = os.path.dirname(os.path.abspath(path)) if new_file else os.path.abspath(path)
+    while not new_file and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if new_file and (os.path.isdir(path) or not os.path.isdir(folder)):
+        raise UserError(f"{what} {path}: " + ("is a folder; expected a file name" if os.path.isdir(path) else
                                               f"folder {folder} does not exist"))
-    probe_writable(folder, flag)
-
-
-def probe_writable(folder, what):
+    if not os.path.isdir(folder):
+        raise UserError(f"{what} {path}: cannot write ({folder} is a file)")
     try:
         fd, probe = tempfile.mkstemp(prefix=".write_test", dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as error:
-        raise UserError(f"{what} {folder}: cannot write ({error.strerror})") from None
-
-
-def check_output_folder(directory):
-    """The run folder can be created later: its nearest existing ancestor is a folder we can write in."""
-    ancestor = os.path.abspath(directory)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UserError(f"output directory {directory}: cannot write ({ancestor} is a file)")
-    probe_writable(ancestor, f"output directory {directory}:")
+        raise UserError(f"{what} {path}: cannot write in {folder} ({error.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------- run identity
@@ -630,7 +620,7 @@ def summarize(directory, fmt="text", plot=None):
     if plot is not None and not plot.lower().endswith(".png"):
         raise UserError(f"--plot {plot}: expected a file name ending in .png")
     if plot is not None:
-        check_new_file(plot, "--plot")
+        check_writable(plot, "--plot")
     groups = summary_groups(read_results(directory))
     if plot is not None:
         plot_summary(groups, plot)

@@ -1943,11 +1943,14 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         self.assertTrue(lines[0].startswith(f"skipped {os.path.join(broken, 'a', 'results.json')}: not valid JSON"))
         self.assertEqual(lines[1], f"error: {broken}: none of its 1 results.json files could be read "
                                    "(each is named above)")
-        for argv in (["--format", "csv"], ["--plot", "x.png"]):
+        for argv in (["--format", "csv"], ["--plot", "x.png"]):  # summary flags belong to results.py
             with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as exit_code:
                 train.main(argv)
             self.assertEqual((exit_code.exception.code, err.getvalue()),
-                             (1, "error: --format and --plot only apply with --summarize DIR\n"))
+                             (2, f"error: unrecognized arguments: {' '.join(argv)} (see --help)\n"))
+        with contextlib.redirect_stdout(io.StringIO()) as out:  # train.py --summarize DIR: as results.py DIR
+            train.main(["--summarize", self.tmp, "--format", "csv"])
+        self.assertEqual(out.getvalue(), results.summarize(self.tmp, "csv") + "\n")
 
     def test_markdown_and_csv_parse_back(self):
         import csv

@@ -80,9 +80,6 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue this configuration's run from its checkpoint")
     p.add_argument("--skip_done", action="store_true", help="exit at once if the run folder holds this "
                    "configuration's complete result")
-    p.add_argument("--summarize", metavar="DIR", help="as python results.py DIR: tables over seeds")
-    p.add_argument("--format", choices=results.FORMATS, help="with --summarize: text (default), markdown or csv")
-    p.add_argument("--plot", metavar="FILE.png", help="with --summarize: also draw accuracy against shots")
     return p.parse_args(argv)
 
 
@@ -137,7 +134,7 @@ def check_args(args):
     if args.adapter and not os.path.isfile(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such file")
     if args.export_merged:
-        results.check_new_file(args.export_merged, "--export_merged")
+        results.check_writable(args.export_merged, "--export_merged")
         run = run_dir(args)  # an output written over an input of the run, or over another output, would lose it
         taken = [("--backbone", args.backbone), ("--adapter", args.adapter), ("--filename", clip_lora_file(args))]
         taken += [("--save_path", path) for path in (os.path.join(run, "adapter.pt"), os.path.join(run, "results.json"),
@@ -461,7 +458,7 @@ def run(args):
     config, identity, out = adapter_config(args), run_config(args, device), run_dir(args)
     adapter_path, resume = adapter_to_evaluate(args) if evaluate_only else None, None
     if not evaluate_only:
-        results.check_output_folder(out)
+        results.check_writable(out, "output directory", new_file=False)
         results.recover(out)
         if args.skip_done and results.is_done(out, identity):
             print(f"done: {out}")
@@ -555,29 +552,27 @@ def stop(number, frame):
     if STOP["deferred"] and not STOP["signal"]:
         STOP["signal"] = number
     else:
-        raise Stopped(number)
+        raise Stopped(number, None)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--summarize" in argv:  # the command of earlier versions: now python results.py DIR [--format] [--plot]
+        return results.main([arg for arg in argv if arg != "--summarize"])
     args = parse_args(argv)
     # the official loop steps the cosine schedule after a step the fp16 scaler skipped too; we keep that
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     for number in (signal.SIGINT, signal.SIGTERM):  # schedulers (SLURM) stop a job with SIGTERM: as Ctrl-C
         signal.signal(number, stop)
     try:
-        if args.summarize is not None:
-            print(results.summarize(args.summarize, args.format or "text", args.plot))
-        elif args.format or args.plot is not None:
-            raise UserError("--format and --plot only apply with --summarize DIR")
-        else:
-            run(args)
+        run(args)
     except (UserError, clip_model.LoadError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as interrupt:
-        number, kept = (interrupt.args + (None,))[:2] if isinstance(interrupt, Stopped) else (signal.SIGINT, None)
-        print(f"interrupted {kept or '(' + signal.Signals(number).name + '): nothing of this run was written'}; "
-              "earlier results are unchanged", file=sys.stderr)
+        number, kept = interrupt.args if isinstance(interrupt, Stopped) else (signal.SIGINT, None)
+        print(f"interrupted {kept or 'before the end: nothing of this run was written'}; earlier results are "
+              "unchanged", file=sys.stderr)
         sys.exit(128 + number)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except OSError as error:  # a fault no check foresaw (disk, permissions): still one line, with the path
         print(f"error: {f'{error.filename}: ' if error.filename else ''}{error.strerror or error}", file=sys.stderr)
