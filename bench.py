@@ -3,6 +3,7 @@
     python bench.py                                   # CUDA when available, else CPU with smaller defaults
     python bench.py --methods none lora --json bench.json
     python bench.py --sections imagenet               # the 1,000-class ImageNet scale (CPU here: ~30 min)
+    python bench.py --sections comp_setup             # Comp-LoRA's set-up: one float64 SVD per projection
 
 Methods: `none` (frozen CLIP, nothing to train) and the `lora`, `comp` and `block` adapters with train.py's
 defaults (r=2, alpha=1, dropout 0.25 on q, k, v of every block of both encoders). For each: one training step
@@ -17,6 +18,8 @@ truncation, as length groups, and as length groups with activation checkpointing
 the bytes kept for the backward pass (counted with saved_tensors_hooks), and the GPU memory of CLIP-LoRA's
 ImageNet 16-shot setting (batch 32, fp16 autocast) projected from those counts. On CUDA, whose default batch
 is that setting's, the step time and torch.cuda.max_memory_allocated are measured next to the projection.
+--sections comp_setup: the seconds that wrapping ViT-B/16's 72 q, k, v projections (36 of 768 x 768, 36 of
+512 x 512) with Comp-LoRA takes on --device, paid by every run and every --eval_only (comp_lora._complement_bases).
 Prints tables; --json FILE also writes the figures.
 """
 import argparse
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import clip_model
+import comp_lora
 import train
 
 VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
@@ -359,6 +363,19 @@ def add_projections(results, layers):
                 r, gpu, plain["gpu_setting_saved_bytes"]["text"] / layers if checkpointed else 0)
 
 
+def comp_setup(device):
+    """Seconds to add train.py's default Comp-LoRA adapters to a ViT-B/16 already on `device`."""
+    model = clip_model.build_random(**VIT_B_16).to(device)
+    names = clip_model.adapter_names(model)
+    torch.linalg.svd(torch.eye(8, dtype=torch.float64, device=device))  # solver start-up (cuSOLVER) not counted
+    sync(device)
+    start = time.perf_counter()
+    comp_lora.add_adapters(model, comp_lora.CompLoRALinear, names=names, r=ADAPTER["r"], alpha=ADAPTER["alpha"],
+                           dropout=ADAPTER["dropout"], comp_ratio=ADAPTER["comp_ratio"])
+    sync(device)
+    return {"projections": len(names), "seconds": time.perf_counter() - start}
+
+
 def print_imagenet(report):
     mb, gb = 2 ** 20, 2 ** 30
     r0 = report["imagenet"]
@@ -458,8 +475,9 @@ def main(argv=None):
                    help="timed steps after warm-up (CUDA 10, CPU 5; imagenet section on CPU 2)")
     p.add_argument("--warmup", type=integer_at_least(0), help="untimed steps first (CUDA 3, CPU 1)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--sections", nargs="+", choices=["steps", "text", "imagenet"], default=["steps", "text"],
-                   help="steps: the training step table at --classes; text: text encoding; imagenet: see above")
+    p.add_argument("--sections", nargs="+", choices=["steps", "text", "imagenet", "comp_setup"],
+                   default=["steps", "text"], help="steps: the training step table at --classes; text: text "
+                   "encoding; imagenet, comp_setup: see above")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     cuda = args.device.type == "cuda"
@@ -483,7 +501,7 @@ def main(argv=None):
         "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode on one step (forward + backward)",
         "memory": "torch.cuda.max_memory_allocated; +step above the model and inputs" if cuda else
                   "each method's own process, peak resident set (ru_maxrss); +step above its pre-step high-water mark",
-        "methods": {}, "text_encoding": {}, "imagenet": {}}
+        "methods": {}, "text_encoding": {}, "imagenet": {}, "comp_setup": {}}
     print(f"{report['device_name']}, torch {torch.__version__}; CLIP {report['model']}; batch {args.batch}, "
           f"{args.classes} classes, {args.steps} timed steps after {args.warmup} warm-up; "
           f"{peak_label} peak {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -523,6 +541,11 @@ def main(argv=None):
     if report["imagenet"]:
         add_projections(report["imagenet"], VIT_B_16["transformer_layers"])
         print_imagenet(report)
+
+    if "comp_setup" in sections:
+        report["comp_setup"] = r = comp_setup(args.device)
+        print(f"Comp-LoRA set-up, ViT-B/16's {r['projections']} q, k, v projections: {r['seconds']:.1f} s "
+              f"on {report['device_name']}")
 
     if args.json:  # a temporary file renamed over the target, so a reader never sees half a file
         tmp = f"{args.json}.tmp{os.getpid()}"

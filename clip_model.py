@@ -392,31 +392,30 @@ POSITIONS = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top3")
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 
 
-def adapt_attention(model, make_layer, encoder="both", position="all", projections=("q", "k", "v")):
-    """Replace selected attention projections: each chosen nn.Linear becomes `make_layer(linear, name)`.
-
-    encoder: "vision", "text" or "both"; position: one of POSITIONS; projections: subset of "q", "k", "v", "o".
-    Returns the list of (name, new module).
-    """
+def adapter_names(model, encoder="both", position="all", projections=("q", "k", "v")):
+    """Full names of the attention projections CLIP-LoRA's flags choose, for `comp_lora.add_adapters`.
+    encoder: "vision", "text" or "both"; position: one of POSITIONS; projections: subset of "q", "k", "v", "o"."""
     if encoder not in ("vision", "text", "both"):
         raise ValueError(f"encoder {encoder!r}: expected vision, text or both")
     unknown = [p for p in projections if p not in PROJECTIONS]
     if unknown or not projections:
         raise ValueError(f"projections {list(projections)}: expected a non-empty subset of {list(PROJECTIONS)}")
-    towers = {"vision": [("visual.transformer", model.visual.transformer)],
-              "text": [("transformer", model.transformer)]}
-    chosen = towers["vision"] + towers["text"] if encoder == "both" else towers[encoder]
-    replaced = []
-    for tower_name, tower in chosen:
-        for index in _position_blocks(position, tower.layers):
-            attn = tower.resblocks[index].attn
-            for p in projections:
-                name = f"{tower_name}.resblocks.{index}.attn.{PROJECTIONS[p]}"
-                layer = make_layer(getattr(attn, PROJECTIONS[p]), name)
-                setattr(attn, PROJECTIONS[p], layer)
-                replaced.append((name, layer))
-    if not replaced:
+    towers = {"vision": ("visual.transformer", model.visual.transformer), "text": ("transformer", model.transformer)}
+    chosen = [towers["vision"], towers["text"]] if encoder == "both" else [towers[encoder]]
+    names = [f"{tower_name}.resblocks.{index}.attn.{PROJECTIONS[p]}" for tower_name, tower in chosen
+             for index in _position_blocks(position, tower.layers) for p in projections]
+    if not names:
         raise ValueError(f"position {position!r} selects no block of this model")
+    return names
+
+
+def adapt_attention(model, make_layer, encoder="both", position="all", projections=("q", "k", "v")):
+    """train.py's interface until it calls add_adapters: make_layer(linear, name) replaces each; [(name, layer)]."""
+    replaced = []
+    for name in adapter_names(model, encoder, position, projections):
+        attn, _, projection = name.rpartition(".")
+        replaced.append((name, make_layer(model.get_submodule(name), name)))
+        setattr(model.get_submodule(attn), projection, replaced[-1][1])
     return replaced
 
 

@@ -1,12 +1,13 @@
-"""LoRA (as CLIP-LoRA) and Comp-LoRA layers around a frozen nn.Linear. Depends on torch alone.
+"""LoRA (as CLIP-LoRA) and Comp-LoRA layers around a frozen nn.Linear, and the functions that put them into a
+model (OpenAI CLIP, open_clip, Hugging Face's CLIPModel, ...) and take them out. Depends on torch alone.
 
 LoRA:      Zanella & Ben Ayed, "Low-Rank Few-Shot Adaptation of Vision-Language Models", CVPRW 2024
            (arXiv 2405.18541), official code MaxZanella/CLIP-LoRA, loralib/layers.py (LinearLoRA).
 Comp-LoRA: arXiv 2501.15040: the update lives in the complement of the weight's top singular directions.
 
-Vocabulary as microsoft/LoRA's loralib: `lora_A` (r x in), `lora_B` (out x r), `scaling`. Only parameters
-whose names start with `lora_` are trainable. Merging is explicit (`merge()` / `unmerge()`), never a side
-effect of `.eval()`.
+Names as loralib (`lora_A` r x in, `lora_B` out x r, `scaling`, `mark_only_lora_as_trainable`, `lora_state_dict`)
+and peft (`merge_and_unload`). `lora_` parameters are float32 whatever W's dtype (as peft's autocast_adapter_dtype),
+so an fp16 model trains under a GradScaler. Merging is explicit (`merge()`), never a side effect of `.eval()`.
 """
 import math
 
@@ -16,9 +17,8 @@ from torch import nn
 
 
 def adapter_dropout(x, p, training):
-    """Dropout of the adapter's input with nn.Dropout's law (zero with probability p, survivors scaled by
-    1 / (1 - p)). The mask comes from rand_like: on CPU bernoulli_ is about 3x slower, and it was 70% of the
-    adapters' training overhead (bench.py)."""
+    """Dropout of the adapter's input with nn.Dropout's law (zero with probability p, survivors scaled by 1 / (1 - p)).
+    The mask comes from rand_like: on CPU bernoulli_ is 3x slower, 70% of the adapters' training overhead (bench.py)."""
     if not training or p == 0:
         return x
     return x * (torch.rand_like(x) >= p).to(x.dtype) * (1 / (1 - p))
@@ -26,39 +26,39 @@ def adapter_dropout(x, p, training):
 
 class LoRALinear(nn.Module):
     """h = W x + b + s * B A dropout(x), with W, b frozen (CLIP-LoRA's LinearLoRA).
-
     lora_A: r x d_in, kaiming_uniform_(a=sqrt(5)); lora_B: d_out x r, zeros, so the layer starts as W.
     s = alpha / sqrt(r): the official CLIP-LoRA code's rule (loralib/layers.py), not LoRA's alpha / r.
-    Dropout acts on the adapter branch only, and only in training, as the official code.
-    """
+    Dropout acts on the adapter branch only, and only in training, as the official code. The layer takes the
+    training mode of `base`; `name` labels errors. Subclasses change `adapter_dims`, `factors`, `forward`."""
 
-    def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, adapter_dims=None):
-        # adapter_dims: (columns of A, rows of B) when the adapter works in a subspace (Comp-LoRA)
+    def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, name=None):
         super().__init__()
         if r < 1:
-            raise ValueError(f"rank r={r}: expected a positive integer")
+            raise ValueError(f"{name + ': ' if name else ''}rank r={r}: expected a positive integer")
         if not 0 <= dropout < 1:
-            raise ValueError(f"dropout={dropout}: expected a number in [0, 1)")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.r, self.alpha = r, alpha
+            raise ValueError(f"{name + ': ' if name else ''}dropout={dropout}: expected a number in [0, 1)")
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.merged = r, alpha, dropout, False
         self.scaling = alpha / math.sqrt(r)
-        self.dropout = dropout
-        self.merged = False
-        in_dim, out_dim = adapter_dims or (base.in_features, base.out_features)
-        self.lora_A = nn.Parameter(base.weight.new_empty(r, in_dim))
-        self.lora_B = nn.Parameter(base.weight.new_zeros(out_dim, r))
+        in_dim, out_dim = self.adapter_dims()
+        # float32 whatever W's dtype: fp16 gradients cannot be unscaled by a GradScaler (cast in forward)
+        self.lora_A = nn.Parameter(torch.empty(r, in_dim, dtype=torch.float32, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_dim, r, dtype=torch.float32, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.train(base.training)  # wrapping an eval model must not switch its dropout on
+
+    def adapter_dims(self):  # (columns of lora_A, rows of lora_B)
+        return self.base.in_features, self.base.out_features
 
     def factors(self):
         """(down, up) with Delta W = scaling * up @ down; down: r x d_in, up: d_out x r."""
         return self.lora_A, self.lora_B
 
     def delta_weight(self):
-        """The dense update Delta W (d_out x d_in) this adapter adds to W."""
+        """The dense update Delta W (d_out x d_in, float32) this adapter adds to W."""
         down, up = self.factors()
-        return self.scaling * (up @ down)
+        with torch.autocast(down.device.type, enabled=False):  # float32 products
+            return self.scaling * (up @ down)
 
     def forward(self, x):
         out = self.base(x)
@@ -86,29 +86,42 @@ class LoRALinear(nn.Module):
         self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
         self.merged = False
 
-    def extra_repr(self):
+    # merge() changes W in place, so a merged layer's state loaded into an unmerged adapter would add the update
+    # twice. Our choice: the state says whether W holds the update, in the state dict's metadata (where torch keeps
+    # each module's version), and loading honours it. Not a key: a merged model's keys stay an unmerged one's, so
+    # key filters (lora_state_dict, exports) are unaffected; torch.save/load and load_state_dict keep it, a copy
+    # into a plain dict drops it (export merged models with merge_and_unload).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if hasattr(destination, "_metadata"):
+            destination._metadata[prefix[:-1]]["lora_merged"] = self.merged
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if prefix + "base.weight" in state_dict:  # W comes with the state, and whether it holds the update
+            self.merged = bool(local_metadata.get("lora_merged", False))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def extra_repr(self):  # the factors' shapes show each subclass's own (Comp-LoRA's k, Block-LoRA's blocks)
         return (f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, scaling={self.scaling:.4g}, "
-                f"merged={self.merged}")
+                f"lora_A={tuple(self.lora_A.shape)}, lora_B={tuple(self.lora_B.shape)}, merged={self.merged}")
 
 
 def _complement_bases(weight, k):
-    """U[:, k:], V[:, k:] of W = U S V^T, in float64 on the CPU, each column's sign fixed.
-
+    """U[:, k:], V[:, k:] of W = U S V^T in float64, each column's sign fixed; on W's GPU, else on the CPU.
     Fixing the sign (largest-magnitude entry of each right vector positive, the left vector flipped with it)
-    makes the bases the same on every machine, so a saved adapter means the same update when reloaded.
-    """
-    u, _, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=True)
+    makes the bases the same on every machine, so a saved adapter means the same update when reloaded. On a
+    GPU (cuSOLVER) they agree with the CPU's to float64 rounding, far below the float32 they are kept in."""
+    device = weight.device if weight.device.type == "cuda" else "cpu"  # MPS has no float64
+    u, _, vh = torch.linalg.svd(weight.detach().to(device, torch.float64), full_matrices=True)
     v = vh.t()
     sign = torch.sign(v.gather(0, v.abs().argmax(dim=0, keepdim=True)))  # (1, d_in)
     n = min(u.shape[1], v.shape[1])
-    v[:, :n] *= sign[:, :n]
-    u[:, :n] *= sign[:, :n]
+    u[:, :n], v[:, :n] = u[:, :n] * sign[:, :n], v[:, :n] * sign[:, :n]
     return u[:, k:], v[:, k:]
 
 
 class CompLoRALinear(LoRALinear):
     """Comp-LoRA: Delta W = s * P_out B A P_in^T, so the update never touches W's top-k singular directions.
-
     Confirmed (arXiv 2501.15040, abstract and Fig. 1): the update is learnt in the complement of the most
     informative directions of W, the input is projected in by a fixed matrix and the output back by another,
     and no parameters are added over LoRA. Our reconstruction: with W = U S V^T, P_in = V[:, k:],
@@ -116,20 +129,163 @@ class CompLoRALinear(LoRALinear):
     Then Delta W V_k = 0 and U_k^T Delta W = 0. lora_A: r x (d_in - k), lora_B: (d_out - k) x r.
     """
 
-    def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, comp_ratio=0.5):
+    def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, comp_ratio=0.5, name=None):
         if not 0 <= comp_ratio < 1:
-            raise ValueError(f"comp_ratio={comp_ratio}: expected a number in [0, 1)")
-        k = round(comp_ratio * min(base.out_features, base.in_features))
-        p_out, p_in = _complement_bases(base.weight, k)
-        super().__init__(base, r, alpha, dropout, adapter_dims=(p_in.shape[1], p_out.shape[1]))
-        self.comp_ratio, self.k = comp_ratio, k
+            raise ValueError(f"{name + ': ' if name else ''}comp_ratio={comp_ratio}: expected a number in [0, 1)")
+        # set first: LoRALinear.__init__ sizes the factors with adapter_dims
+        self.comp_ratio, self.k = comp_ratio, round(comp_ratio * min(base.out_features, base.in_features))
+        super().__init__(base, r, alpha, dropout, name)
+        p_out, p_in = _complement_bases(base.weight, self.k)
         # fixed, recomputed from W at wrap time (deterministic, see _complement_bases), so not saved
-        self.register_buffer("P_in", p_in.to(base.weight), persistent=False)    # d_in x (d_in - k)
-        self.register_buffer("P_out", p_out.to(base.weight), persistent=False)  # d_out x (d_out - k)
+        self.register_buffer("P_in", p_in.to(base.weight.device, torch.float32), persistent=False)  # d_in x (d_in-k)
+        self.register_buffer("P_out", p_out.to(base.weight.device, torch.float32), persistent=False)  # d_out x ...
+
+    def adapter_dims(self):
+        return self.base.in_features - self.k, self.base.out_features - self.k
 
     def factors(self):
+        # float32 also under autocast (fp16 products put 2e-4 of the update in the protected directions, fp32 1e-7);
         # formed once per forward (r x d_in and d_out x r), so the per-token cost equals LoRA's
-        return self.lora_A @ self.P_in.t(), self.P_out @ self.lora_B
+        with torch.autocast(self.P_in.device.type, enabled=False):
+            return self.lora_A @ self.P_in.t(), self.P_out @ self.lora_B
 
-    def extra_repr(self):
-        return super().extra_repr() + f", comp_ratio={self.comp_ratio}, k={self.k}"
+
+def _additive(mask, dtype):
+    """An attention mask to add to the scores: a bool mask (True: may not attend) becomes 0 / -inf."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class SplitAttention(nn.Module):
+    """nn.MultiheadAttention with its fused in_proj split into nn.Linear q_proj, k_proj, v_proj (beside out_proj), so
+    adapters can wrap them by name; same call and outputs to float rounding (batched; is_causal is only a hint)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = (mha.embed_dim, mha.num_heads, mha.dropout,
+                                                                          mha.batch_first)
+        bias = mha.in_proj_bias
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            rows = slice(i * self.embed_dim, (i + 1) * self.embed_dim)
+            linear = nn.Linear(self.embed_dim, self.embed_dim, bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(mha.in_proj_weight[rows].detach().clone(), mha.in_proj_weight.requires_grad)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias[rows].detach().clone(), bias.requires_grad)
+            setattr(self, name, linear)
+        self.out_proj = mha.out_proj
+        self.train(mha.training)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:  # (length, n, width) -> (n, length, width)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length = query.shape[:2]
+        q, k, v = (proj(t).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (n, heads, length, head_dim)
+                   for proj, t in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
+        mask = None if attn_mask is None else _additive(attn_mask, q.dtype)  # (length, source) or (n * heads, ...)
+        mask = mask.view(n, self.num_heads, length, -1) if mask is not None and mask.dim() == 3 else mask
+        if key_padding_mask is not None:  # (n, source), True or -inf at padding
+            padding = _additive(key_padding_mask, q.dtype).view(n, 1, 1, -1)
+            mask = padding if mask is None else mask + padding
+        if need_weights:  # the attention weights are returned: computed explicitly, as nn.MultiheadAttention
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + (0 if mask is None else mask)
+            weights = torch.softmax(scores, dim=-1)  # (n, heads, length, source)
+            y = F.dropout(weights, self.dropout, self.training) @ v
+        else:
+            weights, y = None, F.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        y = self.out_proj(y.transpose(1, 2).flatten(2))  # (n, length, width)
+        weights = weights.mean(dim=1) if need_weights and average_attn_weights else weights
+        return (y if self.batch_first else y.transpose(0, 1)), weights
+
+    def fused(self):
+        """An nn.MultiheadAttention with this module's weights (in_proj_weight = [q; k; v])."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, bias=parts[0].bias is not None,
+                                    batch_first=self.batch_first, device="meta")
+        mha.in_proj_weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), parts[0].weight.requires_grad)
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), parts[0].bias.requires_grad)
+        mha.out_proj = self.out_proj
+        return mha.train(self.training)
+
+
+def _replace(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _is_lora(key):
+    return key.rpartition(".")[2].startswith("lora_")
+
+
+def add_adapters(model, layer_class, names=("q_proj", "k_proj", "v_proj"), **layer_args):
+    """Wrap every nn.Linear whose own or full dotted name is in `names` as layer_class(linear, name=full name,
+    **layer_args); returns the full names. Every nn.MultiheadAttention with a fused in_proj (OpenAI CLIP, open_clip)
+    first becomes a SplitAttention, so its q_proj, k_proj, v_proj, out_proj can be named. A model that already holds
+    adapters, or where no name matches (or a layer refuses), is refused with a ValueError and left as it was.
+    Split: fused in_proj only (in_proj_weight is None when key or value widths differ), no bias_kv or zero_attn."""
+    names = {names} if isinstance(names, str) else set(names)
+    found = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if found:
+        raise ValueError(f"the model already holds {len(found)} adapters (first {found[0]}); merge_and_unload it first")
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                 and m.in_proj_weight is not None and m.bias_k is None and not m.add_zero_attn}
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for n, m in originals.items():
+        _replace(model, n, SplitAttention(m))
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and (n in names or n.rpartition(".")[2] in names)]
+    try:
+        if not targets:
+            linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"no nn.Linear of {type(model).__name__} is named {sorted(names)}; their names: {linears}")
+        layers = [layer_class(model.get_submodule(n), name=n, **layer_args) for n in targets]
+    except Exception:
+        for n, m in originals.items():
+            _replace(model, n, m)
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+        raise
+    for n, layer in zip(targets, layers):
+        _replace(model, n, layer)
+    return targets
+
+
+def mark_only_lora_as_trainable(model):
+    """Freeze every parameter but the adapters' lora_ tensors."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(_is_lora(name))
+
+
+def lora_state_dict(model):
+    """The adapters' lora_ tensors by full name, on the CPU: all that an adapter file needs."""
+    return {key: value.detach().cpu() for key, value in model.state_dict().items() if _is_lora(key)}
+
+
+def load_lora_state_dict(model, state):
+    """Load lora_ tensors (as lora_state_dict gives them) into a model adapted the same way. A missing, extra
+    or differently shaped tensor is a ValueError naming the key and both shapes, raised before any loading."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if _is_lora(key)}
+    for key in sorted(set(expected) | set(state)):
+        theirs = tuple(state[key].shape) if isinstance(state.get(key), torch.Tensor) else None
+        if theirs != expected.get(key):
+            raise ValueError(f"adapter tensor {key!r}: the state has {theirs or 'no such tensor'}, the model "
+                             f"{expected.get(key) or 'no such tensor'} (adapters added with other names or arguments?)")
+    merged = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
+    if merged:
+        raise ValueError(f"adapter {merged[0]} is merged: unmerge() it before loading other lora_ tensors")
+    model.load_state_dict(state, strict=False)
+
+
+def merge_and_unload(model):
+    """Merge every adapter into its weight and put the plain modules back (nn.Linear; nn.MultiheadAttention where
+    add_adapters split one): the original keys, the adapted outputs. Returns the model."""
+    for name, module in reversed(list(model.named_modules())):  # children first: adapters before their attention
+        if isinstance(module, LoRALinear):
+            if not module.merged:
+                module.merge()
+            _replace(model, name, module.base)
+        elif isinstance(module, SplitAttention):
+            _replace(model, name, module.fused())
+    return model

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import copy
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -36,7 +37,7 @@ import data
 import results
 import train
 from block_lora import BlockLoRALinear
-from comp_lora import LoRALinear, _complement_bases
+from comp_lora import CompLoRALinear, LoRALinear, _complement_bases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
@@ -498,6 +499,236 @@ class TestAdapters(unittest.TestCase):
         model, layers = adapted("lora", ("o",), encoder="vision", position="up")
         self.assertEqual([n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
                          ["visual.transformer.resblocks.2.attn.out_proj"])
+
+
+def openai_style(seed=0):
+    """The reference CLIP (nn.MultiheadAttention, sequence first) with the tiny model's weights, in eval mode."""
+    return reference_of(tiny(seed), clip_model.TINY_CONFIG)
+
+
+def ref_features(model, images, tokens):
+    with torch.no_grad():
+        return torch.cat([F.normalize(model.encode_image(images), dim=-1),
+                          F.normalize(model.encode_text(tokens), dim=-1)])
+
+
+def fill_b(model, seed=0):
+    """Random lora_B (scale 0.1) in every adapter of `model`, so each adapter changes its outputs."""
+    randomize_b([m for m in model.modules() if isinstance(m, LoRALinear)], seed)
+    return model
+
+
+LAYERS = {"lora": (LoRALinear, {}), "comp": (CompLoRALinear, dict(comp_ratio=0.5)),
+          "block": (BlockLoRALinear, dict(blocks=8))}
+
+
+class TestAdapterFunctions(unittest.TestCase):
+    """comp_lora's add_adapters, mark_only_lora_as_trainable, lora_state_dict, load_lora_state_dict and
+    merge_and_unload on models other than ours: the OpenAI-style reference CLIP and bare nn modules."""
+
+    def setUp(self):
+        torch.manual_seed(0)
+        self.images = torch.randn(2, 3, 32, 32)
+        self.tokens = clip_model.tokenize(PROMPTS)
+
+    def test_split_attention_equals_multihead_attention_both_ways(self):
+        length, n, width = 7, 3, 32
+        causal = torch.full((length, length), float("-inf")).triu(1)
+        padding = torch.zeros(n, length, dtype=torch.bool)
+        padding[:, -2:] = True
+        masks = [{}, dict(attn_mask=causal), dict(attn_mask=causal.isinf()), dict(key_padding_mask=padding),
+                 dict(attn_mask=torch.randn(n * 4, length, length), key_padding_mask=padding.float() * -1e9)]
+        for batch_first in (False, True):
+            mha = nn.MultiheadAttention(width, 4, batch_first=batch_first).eval()
+            split = comp_lora.SplitAttention(mha)
+            x = torch.randn((n, length, width) if batch_first else (length, n, width))
+            for mask, need_weights in itertools.product(masks, (False, True)):
+                with torch.no_grad():
+                    expected, expected_weights = mha(x, x, x, need_weights=need_weights, **mask)
+                    y, weights = split(x, x, x, need_weights=need_weights, **mask)
+                self.assertLessEqual(max_rel_err(y, expected), 1e-5, (batch_first, list(mask), need_weights))
+                if need_weights:
+                    self.assertLessEqual(max_rel_err(weights, expected_weights), 1e-5)
+                else:
+                    self.assertIsNone(weights)
+            fused = split.fused()
+            self.assertIsInstance(fused, nn.MultiheadAttention)
+            self.assertEqual(list(fused.state_dict()), list(mha.state_dict()))
+            self.assertTrue(all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(),
+                                                                   mha.state_dict().values())))
+            self.assertEqual((fused.batch_first, fused.training), (batch_first, False))
+
+    def test_openai_style_model_adapts_and_exports_to_its_original_keys(self):
+        plain = openai_style()
+        keys = list(plain.state_dict())
+        expected = ref_features(plain, self.images, self.tokens)
+        for method, (layer_class, extra) in LAYERS.items():
+            model = copy.deepcopy(plain)
+            names = comp_lora.add_adapters(model, layer_class, r=2, alpha=1, dropout=0.25, **extra)
+            self.assertEqual(len(names), 2 * 3 * 3)  # two towers of 3 blocks, q, k and v in each
+            self.assertEqual(names[0], "visual.transformer.resblocks.0.attn.q_proj")
+            self.assertLessEqual(max_rel_err(ref_features(model, self.images, self.tokens), expected), 1e-5)
+            adapted = ref_features(fill_b(model), self.images, self.tokens)
+            self.assertGreater((adapted - expected).abs().max().item(), 1e-4, method)
+            comp_lora.merge_and_unload(model)
+            self.assertEqual(list(model.state_dict()), keys)
+            self.assertFalse(any(isinstance(m, (LoRALinear, comp_lora.SplitAttention)) for m in model.modules()))
+            fresh = RefCLIP(clip_model.TINY_CONFIG).eval()
+            fresh.load_state_dict(model.state_dict(), strict=True)
+            self.assertLessEqual(max_rel_err(ref_features(fresh, self.images, self.tokens), adapted), 1e-5, method)
+
+    def test_adapters_take_the_training_mode_of_the_layer_they_wrap(self):
+        for method, (layer_class, extra) in LAYERS.items():
+            model = openai_style()  # eval mode, as openai/CLIP's clip.load and from_pretrained return models
+            comp_lora.add_adapters(model, layer_class, dropout=0.5, **extra)
+            fill_b(model)
+            adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+            self.assertFalse(any(m.training for m in model.modules()), method)
+            first = ref_features(model, self.images, self.tokens)
+            self.assertTrue(torch.equal(ref_features(model, self.images, self.tokens), first), method)
+            model.train()
+            self.assertFalse(torch.equal(ref_features(model, self.images, self.tokens), first), method)
+            trained = nn.Sequential(OrderedDict(q_proj=nn.Linear(8, 8))).train()
+            comp_lora.add_adapters(trained, layer_class, names=["q_proj"], **extra)
+            self.assertTrue(trained.q_proj.training and adapters[0].dropout == 0.5)
+
+    def test_a_merged_state_is_never_applied_twice(self):
+        def adapted_model():
+            torch.manual_seed(3)
+            model = tiny()
+            comp_lora.add_adapters(model, CompLoRALinear)
+            return model
+        model = fill_b(adapted_model())
+        unmerged = features(model, self.images, self.tokens)
+        for layer in (m for m in model.modules() if isinstance(m, LoRALinear)):
+            layer.merge()
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        fresh = adapted_model()  # unmerged adapters, lora_B zero
+        fresh.load_state_dict(state, strict=True)
+        self.assertTrue(all(m.merged for m in fresh.modules() if isinstance(m, LoRALinear)))
+        self.assertLessEqual(max_rel_err(features(fresh, self.images, self.tokens), unmerged), 1e-5)
+        with self.assertRaisesRegex(ValueError, r"is merged: unmerge\(\) it before loading"):
+            comp_lora.load_lora_state_dict(fresh, comp_lora.lora_state_dict(model))
+        for layer in (m for m in fresh.modules() if isinstance(m, LoRALinear)):
+            layer.unmerge()  # W back, the update now from the adapter branch alone
+        self.assertLessEqual(max_rel_err(fresh.visual.transformer.resblocks[0].attn.q_proj.base.weight,
+                                         tiny().visual.transformer.resblocks[0].attn.q_proj.weight), 1e-6)
+        self.assertLessEqual(max_rel_err(features(fresh, self.images, self.tokens), unmerged), 1e-5)
+        fresh.load_state_dict(adapted_model().state_dict(), strict=True)  # an unmerged state into merged layers
+        model.load_state_dict(fresh.state_dict(), strict=True)
+        self.assertFalse(any(m.merged for m in model.modules() if isinstance(m, LoRALinear)))
+
+    def test_lora_state_dict_round_trip_and_trainable_parameters(self):
+        model = fill_b(openai_style())  # no adapters yet: fill_b finds none
+        comp_lora.add_adapters(model, BlockLoRALinear, names=("q_proj", "visual.transformer.resblocks.1.attn.out_proj"))
+        comp_lora.mark_only_lora_as_trainable(model)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.assertEqual(len(trainable), 2 * 7)  # q_proj of 6 blocks and one out_proj, lora_A and lora_B each
+        self.assertTrue(all(n.rpartition(".")[2] in ("lora_A", "lora_B") for n in trainable))
+        state = comp_lora.lora_state_dict(fill_b(model))
+        self.assertEqual(sorted(state), sorted(trainable))
+        self.assertTrue(all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values()))
+        fresh = openai_style()
+        comp_lora.add_adapters(fresh, BlockLoRALinear, names=("q_proj", "visual.transformer.resblocks.1.attn.out_proj"))
+        comp_lora.load_lora_state_dict(fresh, state)
+        self.assertTrue(torch.equal(ref_features(fresh, self.images, self.tokens),
+                                    ref_features(model, self.images, self.tokens)))
+
+    def test_each_refusal_is_one_line_and_changes_nothing(self):
+        model = openai_style()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        attention = model.visual.transformer.resblocks[0].attn
+        cases = [((LoRALinear,), dict(names=["query"]), r"^no nn\.Linear of RefCLIP is named \['query'\]; their names: "
+                  r"\['c_fc', 'c_proj', 'k_proj', 'out_proj', 'q_proj', 'v_proj'\]$"),
+                 ((BlockLoRALinear,), dict(blocks=5), r"^visual\.transformer\.resblocks\.0\.attn\.q_proj: input size "
+                  r"128 is not divisible by blocks=5$"),
+                 ((LoRALinear,), dict(r=0), r"^visual\.transformer\.resblocks\.0\.attn\.q_proj: rank r=0")]
+        for args, kwargs, message in cases:
+            with self.assertRaisesRegex(ValueError, message):
+                comp_lora.add_adapters(model, *args, **kwargs)
+            self.assertIs(model.visual.transformer.resblocks[0].attn, attention)  # the same module, not a copy
+            self.assertEqual(list(model.state_dict()), list(before))
+            self.assertTrue(all(p.requires_grad for p in model.parameters()))
+        comp_lora.add_adapters(model, LoRALinear)
+        with self.assertRaisesRegex(ValueError, r"^the model already holds 18 adapters \(first visual\.transformer"
+                                                r"\.resblocks\.0\.attn\.q_proj\); merge_and_unload it first$"):
+            comp_lora.add_adapters(model, LoRALinear)
+        state = comp_lora.lora_state_dict(model)
+        key = "transformer.resblocks.2.attn.v_proj.lora_A"
+        wrong = [({k: v for k, v in state.items() if k != key}, r"the state has no such tensor, the model \(2, 128\)"),
+                 ({**state, "x.lora_A": torch.zeros(2, 3)}, r"'x\.lora_A': the state has \(2, 3\), the model no such"),
+                 ({**state, key: torch.zeros(2, 64)}, r"the state has \(2, 64\), the model \(2, 128\)")]
+        for bad, message in wrong:
+            with self.assertRaisesRegex(ValueError, message):
+                comp_lora.load_lora_state_dict(model, bad)
+        self.assertTrue(all(torch.equal(state[k], v) for k, v in comp_lora.lora_state_dict(model).items()))
+
+    def test_fp16_base_trains_float32_adapters_with_a_grad_scaler(self):
+        for method, (layer_class, extra) in LAYERS.items():
+            model = tiny().half()
+            comp_lora.add_adapters(model, layer_class, **extra)
+            comp_lora.mark_only_lora_as_trainable(model)
+            fill_b(model)
+            lora = [p for p in model.parameters() if p.requires_grad]
+            self.assertTrue(lora and all(p.dtype == torch.float32 for p in lora), method)
+            before = [p.detach().clone() for p in lora]
+            optimizer = torch.optim.AdamW(lora, lr=1e-3)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+            model.train()
+            for _ in range(3):
+                with torch.autocast("cpu", torch.float16):
+                    loss = model.encode_image(self.images).float().pow(2).mean()
+                optimizer.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # today's fp16 adapters: "Attempting to unscale FP16 gradients"
+                scaler.update()
+            self.assertTrue(all(torch.isfinite(p).all() for p in lora), method)
+            self.assertTrue(any(not torch.equal(a, b) for a, b in zip(before, lora)), method)
+            with torch.no_grad():  # and without autocast, the adapter casts itself to the fp16 activations
+                self.assertEqual(model.eval().encode_image(self.images.half()).dtype, torch.float16)
+
+    def test_comp_lora_fp16_autocast_update_stays_out_of_protected_directions(self):
+        base = nn.Linear(64, 48)
+        layer = CompLoRALinear(copy.deepcopy(base), r=4, dropout=0.0)
+        self.assertEqual((layer.P_in.dtype, layer.P_out.dtype), (torch.float32, torch.float32))
+        optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        x = torch.randn(32, 64)
+        for _ in range(5):
+            with torch.autocast("cpu", torch.float16):
+                loss = (layer(x).float() - 1).pow(2).mean()
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        with torch.autocast("cpu", torch.float16):
+            self.assertEqual([f.dtype for f in layer.factors()], [torch.float32, torch.float32])
+            delta = layer.delta_weight()
+        self.assertEqual(delta.dtype, torch.float32)
+        u, _, vh = torch.linalg.svd(base.weight.double())
+        delta = delta.double()
+        self.assertGreater(delta.norm().item(), 0)
+        self.assertLess((u[:, :layer.k].t() @ delta).norm().item() / delta.norm().item(), 1e-6)
+        self.assertLess((delta @ vh[:layer.k].t()).norm().item() / delta.norm().item(), 1e-6)
+
+    def test_block_lora_is_lora_with_its_own_factors_and_forward(self):
+        self.assertTrue(issubclass(BlockLoRALinear, LoRALinear) and issubclass(CompLoRALinear, LoRALinear))
+        for method in ("merge", "unmerge", "delta_weight"):
+            self.assertIs(getattr(BlockLoRALinear, method), getattr(LoRALinear, method))
+        self.assertIs(block_lora.adapter_dropout, comp_lora.adapter_dropout)
+        base = nn.Linear(24, 10)
+        layer = fill_b(nn.Sequential(BlockLoRALinear(copy.deepcopy(base), r=3, dropout=0.0, blocks=4)))[0]
+        x = torch.randn(7, 24)
+        down, up = layer.factors()
+        self.assertTrue(torch.equal(down, torch.cat([layer.lora_A] * 4, dim=1)))
+        self.assertLessEqual(max_rel_err(layer(x), F.linear(x, base.weight + layer.delta_weight(), base.bias)), 1e-6)
+        common = ("base", "r", "alpha", "dropout", "name")
+        for layer_class in (LoRALinear, CompLoRALinear, BlockLoRALinear):
+            parameters = inspect.signature(layer_class).parameters
+            self.assertEqual([p for p in parameters if p in common], list(common), layer_class)
 
 
 # ------------------------------------------------------------------- text encoding and precision
