@@ -409,16 +409,6 @@ def adapter_names(model, encoder="both", position="all", projections=("q", "k", 
     return names
 
 
-def adapt_attention(model, make_layer, encoder="both", position="all", projections=("q", "k", "v")):
-    """train.py's interface until it calls add_adapters: make_layer(linear, name) replaces each; [(name, layer)]."""
-    replaced = []
-    for name in adapter_names(model, encoder, position, projections):
-        attn, _, projection = name.rpartition(".")
-        replaced.append((name, make_layer(model.get_submodule(name), name)))
-        setattr(model.get_submodule(attn), projection, replaced[-1][1])
-    return replaced
-
-
 # ----------------------------------------------------------------------------------------- tokenizer
 
 def _bytes_to_unicode():

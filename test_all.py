@@ -387,7 +387,7 @@ class TestAdapters(unittest.TestCase):
             config = train.adapter_config(train.parse_args(["--method", method, "--backbone", "tiny"]))
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "adapter.pt")
-                torch.save(results.adapter_file(config, train.adapter_tensors(model)), path)
+                torch.save(results.adapter_file(config, comp_lora.lora_state_dict(model)), path)
                 fresh, _ = adapted(method, seed=5)  # other lora_A values and zero lora_B, to be overwritten
                 self.assertFalse(torch.equal(features(fresh.eval(), self.images, self.tokens), expected))
                 train.load_adapters(path, fresh, config)
@@ -1457,7 +1457,7 @@ class TestTrain(WithSyntheticData):
         for seed, workers in (("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")):
             with mock.patch("torch.cuda.manual_seed_all") as cuda, mock.patch("torch.mps.manual_seed") as mps, \
                     mock.patch.object(train, "train", side_effect=lambda model, *rest: initial.setdefault(
-                        (seed, workers), train.adapter_tensors(model)) and 0.0):
+                        (seed, workers), comp_lora.lora_state_dict(model)) and 0.0):
                 quiet(train.run, self.args("--seed", seed, "--workers", workers, out=f"streams{seed}{workers}"))
             self.assertEqual([call.args for call in cuda.call_args_list], [(int(seed),)])
             self.assertEqual([call.args for call in mps.call_args_list], [(int(seed),)])
@@ -1765,7 +1765,7 @@ class TestTrain(WithSyntheticData):
     def test_adapter_files_are_loaded_strictly(self):
         model, layers = adapted("lora")
         config = train.adapter_config(train.parse_args(["--backbone", "tiny"]))
-        tensors = train.adapter_tensors(model)
+        tensors = comp_lora.lora_state_dict(model)
         first = next(iter(tensors))
         variants = {
             "extra": ({"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}},
@@ -1886,7 +1886,7 @@ class TestCommandLine(unittest.TestCase):
         torch.save({}, os.path.join(folder, "adapter.pt"))
         config = train.adapter_config(args)
         model, _ = adapted("lora")
-        tensors = train.adapter_tensors(model)
+        tensors = comp_lora.lora_state_dict(model)
         first = next(iter(tensors))
         for name, content in (("extra", {"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}}),
                               ("shape", {"config": config, "state_dict": {**tensors, first: torch.zeros(3, 3)}}),
@@ -2179,9 +2179,9 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
                 train.main(argv)
             self.assertEqual((exit_code.exception.code, err.getvalue()),
                              (2, f"error: unrecognized arguments: {' '.join(argv)} (see --help)\n"))
-        with contextlib.redirect_stdout(io.StringIO()) as out:  # train.py --summarize DIR: as results.py DIR
-            train.main(["--summarize", self.tmp, "--format", "csv"])
-        self.assertEqual(out.getvalue(), results.summarize(self.tmp, "csv") + "\n")
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+            train.main(["--summarize", self.tmp, "--format", "csv"])  # train.py --summarize DIR: as results.py DIR
+            self.assertEqual(out.getvalue(), results.summarize(self.tmp, "csv") + "\n")
 
     def test_markdown_and_csv_parse_back(self):
         import csv
@@ -2300,9 +2300,9 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
                 torch.save(clip_lora_layout(model, metadata), path)
                 fresh, _ = adapted("lora", projections, encoder=encoder, position=position, seed=5)
                 train.load_adapters(path, fresh, config)
-            ours = train.adapter_tensors(model)
-            self.assertEqual(sorted(train.adapter_tensors(fresh)), sorted(ours))
-            for key, tensor in train.adapter_tensors(fresh).items():
+            ours = comp_lora.lora_state_dict(model)
+            self.assertEqual(sorted(comp_lora.lora_state_dict(fresh)), sorted(ours))
+            for key, tensor in comp_lora.lora_state_dict(fresh).items():
                 self.assertTrue(torch.equal(ours[key], tensor), key)
             self.assertTrue(torch.equal(features(fresh.eval(), torch.ones(1, 3, 32, 32), clip_model.tokenize("x")),
                                         features(model.eval(), torch.ones(1, 3, 32, 32), clip_model.tokenize("x"))))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import clip_model
 import data
 import results
+import comp_lora
 from block_lora import BlockLoRALinear
 from comp_lora import CompLoRALinear, LoRALinear
 from results import UserError
@@ -169,18 +170,21 @@ def backbone_name(backbone):
     return backbone
 
 
-def add_adapters(model, config):
-    """Wrap the configured attention projections with the configured adapter; freeze everything else."""
-    method = {"comp": {"comp_ratio": config["comp_ratio"]}, "block": {"blocks": config["blocks"]}}
-    kwargs = dict(r=config["r"], alpha=config["alpha"], dropout=config["dropout"], **method.get(config["method"], {}))
+def adapted_names(model, config):
+    """The full names of the projections --encoder, --position and --params choose."""
     try:
-        layers = clip_model.adapt_attention(model, lambda linear, name: METHODS[config["method"]](linear, **kwargs),
-                                            config["encoder"], config["position"], config["params"])
+        return clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
     except ValueError as error:
         raise UserError(str(error)) from None
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1].startswith("lora_"))
-    return [layer for _, layer in layers]
+
+
+def add_adapters(model, config):
+    """Wrap the configured attention projections with the configured adapter, freeze the rest; returns the layers."""
+    method = {"comp": {"comp_ratio": config["comp_ratio"]}, "block": {"blocks": config["blocks"]}}
+    names = comp_lora.add_adapters(model, METHODS[config["method"]], adapted_names(model, config), r=config["r"],
+                                   alpha=config["alpha"], dropout=config["dropout"], **method.get(config["method"], {}))
+    comp_lora.mark_only_lora_as_trainable(model)
+    return [model.get_submodule(name) for name in names]
 
 
 def parameter_line(model):
@@ -190,18 +194,13 @@ def parameter_line(model):
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-def adapter_tensors(model):
-    return {key: value for key, value in model.state_dict().items() if ".lora_" in key}
-
-
 def load_adapters(path, model, config):
     """Load an adapter file (ours or CLIP-LoRA's) into a model adapted with `config`, strictly (results.py)."""
-    depths = {"text": model.transformer.layers, "vision": model.visual.transformer.layers}
-    modules = [f"{prefix}.resblocks.{block}.attn" for tower, prefix in (("text", "transformer"),
-               ("vision", "visual.transformer")) if config["encoder"] in (tower, "both")
-               for block in clip_model._position_blocks(config["position"], depths[tower])]  # apply_lora's order
-    expected = {key: value.shape for key, value in adapter_tensors(model).items()}
-    model.load_state_dict(results.read_adapter(path, config, expected, modules), strict=False)
+    towers = ("text", "vision") if config["encoder"] == "both" else (config["encoder"],)
+    modules = [name.rpartition(".")[0] for tower in towers  # CLIP-LoRA's layer_<i>: text blocks first (apply_lora)
+               for name in clip_model.adapter_names(model, tower, config["position"], ["q"])]
+    expected = {key: value.shape for key, value in comp_lora.lora_state_dict(model).items()}
+    comp_lora.load_lora_state_dict(model, results.read_adapter(path, config, expected, modules))
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -314,7 +313,7 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
 
     def save_checkpoint():
         state = {"config": dict(identity, seed=args.seed), "iteration": iteration, "skipped": skipped,
-                 "lora": {k: v.cpu() for k, v in adapter_tensors(model).items()}, "optimizer": optimizer.state_dict(),
+                 "lora": comp_lora.lora_state_dict(model), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states()}
         state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # CPU tensors:
                                        for index, moments in state["optimizer"]["state"].items()}  # load anywhere
@@ -436,19 +435,16 @@ def clip_lora_file(args):
 
 def check_fits(model, config):
     """Flags that depend on the model's widths, checked right after loading it and before any data pass."""
-    def check(linear, name):
+    layers = {name: model.get_submodule(name) for name in adapted_names(model, config)}
+    for name, linear in layers.items():
         if config["method"] == "block" and linear.in_features % config["blocks"]:
             raise UserError(f"--blocks {config['blocks']}: {name} has {linear.in_features} inputs, not divisible "
                             f"by {config['blocks']} (Block-LoRA splits the input into equal chunks)")
-        width = min(linear.weight.shape)  # Comp-LoRA protects k = round(comp_ratio * width) directions (comp_lora.py)
-        if config["method"] == "comp" and round(config["comp_ratio"] * width) >= width:
-            raise UserError(f"--comp_ratio {config['comp_ratio']}: {name} would keep no direction to train (k = "
-                            f"{width} of {width}); at most {(width - 1) / width} for a layer of this width")
-        return linear  # unchanged: this pass only checks
-    try:
-        clip_model.adapt_attention(model, check, config["encoder"], config["position"], config["params"])
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    name = min(layers, key=lambda name: min(layers[name].weight.shape))  # Comp-LoRA's k, round(comp_ratio * width),
+    width = min(layers[name].weight.shape)  # leaves no direction to train first in the narrowest layer
+    if config["method"] == "comp" and round(config["comp_ratio"] * width) >= width:
+        raise UserError(f"--comp_ratio {config['comp_ratio']}: {name} would keep no direction to train (k = "
+                        f"{width} of {width}); at most {(width - 1) / width} for a layer of this width")
 
 
 def run(args):
@@ -493,7 +489,7 @@ def run(args):
         print(f"evaluating {adapter_path}")
     else:
         seconds = train(model, dataset, args, device, model.visual.input_resolution, identity, resume)
-    adapter = results.adapter_file(config, adapter_tensors(model))
+    adapter = results.adapter_file(config, comp_lora.lora_state_dict(model))
     for layer in layers:  # evaluating through merged weights costs no adapter branch (same accuracy, a test shows)
         layer.merge()
     cached = test_cache if args.encoder == "text" else None  # the image tower is unchanged when only text adapts
@@ -520,12 +516,11 @@ def run(args):
                       harmonic_mean=2 * final * new / (final + new) if final + new else 0.0)
         print(f"base {final:.2f}  new {new:.2f}  harmonic mean {record['harmonic_mean']:.2f} (prompt {template!r})")
 
-    if args.export_merged:
-        merged = clip_model.fuse_attention({key.replace(".base.", "."): value.cpu() for key, value in
-                                            model.state_dict().items() if ".lora_" not in key})
-        results.save(args.export_merged, lambda f: torch.save(merged, f))
     for layer in layers:
         layer.unmerge()
+    if args.export_merged:  # a plain CLIP state dict, OpenAI's layout, on the CPU
+        merged = {key: value.cpu() for key, value in comp_lora.merge_and_unload(model).openai_state_dict().items()}
+        results.save(args.export_merged, lambda f: torch.save(merged, f))
     if not evaluate_only:
         results.save(out, {"adapter.pt": lambda f: torch.save(adapter, f),
                            "results.json": lambda f: f.write(json.dumps(record, indent=2).encode())},
