@@ -244,38 +244,39 @@ def run_dir(save_path, dataset, method, shots, seed):
 CHECKPOINT = ".checkpoint.pt"
 
 
-def first_difference(saved, config, fields):
-    return next((field for field in fields if saved.get(field) != config.get(field)), None)
+def difference(saved, config, fields):
+    """'<field> <saved value>, this run has <field> <value>' for the first field that differs, else None."""
+    field = next((field for field in fields if saved.get(field) != config.get(field)), None)
+    return field and f"{field} {saved.get(field)!r}, this run has {field} {config.get(field)!r}"
 
 
 def saved_config(folder):
-    """The config of the run saved in `folder`; None if there is none; ValueError if it cannot be read."""
-    if not any(os.path.lexists(os.path.join(folder, name)) for name in ("results.json", "adapter.pt")):
+    """The config of the run saved in `folder`, None if there is none; ValueError if the run is incomplete or its
+    results.json cannot be read."""
+    present = [os.path.lexists(os.path.join(folder, name)) for name in ("results.json", "adapter.pt")]
+    if not any(present):
         return None
+    if not all(present):
+        raise ValueError("incomplete")
     with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
         return dict(json.load(f)["config"])
 
 
-def is_done(folder, config):
-    """Whether `folder` holds the complete result of exactly this configuration (for --skip_done)."""
-    try:
-        return os.path.isfile(os.path.join(folder, "adapter.pt")) and saved_config(folder) == config
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def check_run_identity(folder, config, overwrite):
-    """Refuse to replace a saved run of another configuration (unless --overwrite); same config: replace."""
+def check_run_identity(folder, config, overwrite, skip_done=False):
+    """Refuse to replace a saved run of another configuration (unless --overwrite); same config: replace, or with
+    skip_done, return True (done)."""
     hint = "choose another --save_path, or pass --overwrite to replace it"
     try:
-        saved = None if overwrite else saved_config(folder)
+        saved = saved_config(folder)
     except (OSError, ValueError, KeyError, TypeError):
+        if overwrite:
+            return False
         raise UserError(f"{folder} holds a run whose results.json is missing, unreadable or from an older "
                         f"version; {hint}") from None
-    differing = saved and first_difference(saved, config, RUN_FIELDS)
-    if differing:
-        raise UserError(f"{folder} holds a run with {differing} {saved.get(differing)!r}, this run has {differing} "
-                        f"{config[differing]!r}; {hint}")
+    differing = saved and difference(saved, config, RUN_FIELDS)
+    if differing and not overwrite:
+        raise UserError(f"{folder} holds a run with {differing}; {hint}")
+    return skip_done and saved == config
 
 
 def read_checkpoint(path, config):
@@ -286,13 +287,11 @@ def read_checkpoint(path, config):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = dict(state["config"])
+        differing = difference(dict(state["config"]), config, sorted(set(config) | set(state["config"])))
     except Exception as error:
         raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); delete it to start anew") from None
-    differing = first_difference(saved, config, list(config) + list(saved))
     if differing:
-        raise UserError(f"{path}: a checkpoint with {differing} {saved.get(differing)!r}, this run has {differing} "
-                        f"{config.get(differing)!r}; run without --resume to start anew")
+        raise UserError(f"{path}: a checkpoint with {differing}; run without --resume to start anew")
     print(f"resuming {path} at iteration {state['iteration']}")
     return state
 

@@ -456,10 +456,9 @@ def run(args):
     if not evaluate_only:
         results.check_writable(out, "output directory", new_file=False)
         results.recover(out)
-        if args.skip_done and results.is_done(out, identity):
+        if results.check_run_identity(out, identity, args.overwrite, args.skip_done):
             print(f"done: {out}")
             return None
-        results.check_run_identity(out, identity, args.overwrite)
     if args.resume and not evaluate_only:
         resume = results.read_checkpoint(out + results.CHECKPOINT, dict(identity, seed=args.seed))
     # What a seed fixes: the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset),
