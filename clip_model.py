@@ -341,6 +341,11 @@ def available_models():
     return list(_MODELS) + ["tiny"]
 
 
+def model_name(name_or_path):
+    """The model name of OpenAI's file for one (so that a named model and its local copy compare equal)."""
+    return next((name for name, (_, file) in _MODELS.items() if os.path.basename(name_or_path) == file), name_or_path)
+
+
 def load(name_or_path, device="cpu", download_root=None):
     """(model, preprocess) for an OpenAI model name, "tiny", or a weights file; the model is float32, in eval mode."""
     if name_or_path == "tiny":

@@ -138,17 +138,15 @@ def remove(path):
 
 def carry_over(old, new, names):
     """Files a user added to a run folder stay in it: hard links into the new set (copies where links fail)."""
-    def link(source, target):
-        try:
-            os.link(source, target, follow_symlinks=False)
-        except OSError:
-            shutil.copy2(source, target, follow_symlinks=False)
-    for name in sorted(set(os.listdir(old)) - set(names)):
-        source, target = os.path.join(old, name), os.path.join(new, name)
-        if os.path.isdir(source) and not os.path.islink(source):
-            shutil.copytree(source, target, symlinks=True, copy_function=link)
-        else:
-            link(source, target)
+    shutil.copytree(old, new, symlinks=True, dirs_exist_ok=True, copy_function=link,
+                    ignore=lambda folder, entries: set(names) if folder == old else set())
+
+
+def link(source, target):
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def recover(path):
@@ -158,12 +156,15 @@ def recover(path):
     pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)(\d+)")
     found = [m for m in map(pattern.fullmatch, os.listdir(parent) if os.path.isdir(parent) else []) if m]
     for match in sorted(found, key=lambda m: m.group(1) != "old"):  # set-aside sets first
-        if not running(int(match.group(2))):
-            leftover = os.path.join(parent, match.group(0))
-            restore = match.group(1) == "old" and not os.path.lexists(path)
-            os.replace(leftover, path) if restore else remove(leftover)
-            print(f"recovered {path}: " + ("a save was interrupted; the previous run is back in place" if restore else
-                                           f"removed {match.group(0)}, left by an interrupted save"), file=sys.stderr)
+        if running(int(match.group(2))):
+            continue
+        leftover = os.path.join(parent, match.group(0))
+        if match.group(1) == "old" and not os.path.lexists(path):
+            os.replace(leftover, path)
+            print(f"recovered {path}: a save was interrupted; the previous run is back in place", file=sys.stderr)
+        else:
+            remove(leftover)
+            print(f"recovered {path}: removed {match.group(0)}, left by an interrupted save", file=sys.stderr)
 
 
 def running(pid):
@@ -171,11 +172,12 @@ def running(pid):
     if os.name == "nt" or pid == os.getpid():  # on Windows os.kill would end the process: assume it runs
         return os.name == "nt"
     try:
-        return os.kill(pid, 0) or True
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # alive, another user's
-        return True
+        pass
+    return True
 
 
 @contextlib.contextmanager
@@ -316,6 +318,19 @@ def clip_lora_path(save_path, backbone, dataset, shots, seed, filename="lora_wei
     with the backbone name stripped of '/' and '-' and lower-cased (ViT-B/16 -> vitb16)."""
     folder = backbone.replace("/", "").replace("-", "").lower()
     return os.path.join(save_path, folder, dataset, f"{shots}shots", f"seed{seed}", f"{filename}.pt")
+
+
+def adapter_to_read(given, folder, clip_lora_file):
+    """The adapter file --eval_only/--adapter reads: `given` (--adapter); else ours in the run folder; else the file
+    CLIP-LoRA's code saves for the same flags (--save_path, --backbone, --dataset, --shots, --seed, --filename)."""
+    ours = os.path.join(folder, "adapter.pt")
+    found = given or next((path for path in (ours, clip_lora_file) if os.path.isfile(path)), None)
+    if not found:
+        raise UserError(f"{ours}: no adapter file, nor CLIP-LoRA's {clip_lora_file} (train first, or check "
+                        "--save_path)")
+    if found == clip_lora_file and not given:
+        print(f"no {ours}: evaluating CLIP-LoRA's adapter file {clip_lora_file}")
+    return found
 
 
 def from_clip_lora(saved, modules):

@@ -1950,7 +1950,7 @@ class TestCommandLine(unittest.TestCase):
             (["--workers", "-1"], "--workers -1: expected 0 or more"),
             (["--device", "cuda"], "--device cuda: no CUDA device is available here"),
             (["--device", "cuda:3"], "--device cuda:3: no CUDA device is available here"),
-            (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+            (["--device", "tpu"], "--device 'tpu': expected cpu, cuda, cuda:N or mps"),
             (["--backbone", os.path.join(t, "missing.pt")], f"--backbone '{t}/missing.pt': expected one of ['ViT-B/32'"),
             (["--backbone", os.path.join(t, "notweights.pt")], f"{t}/notweights.pt: neither a TorchScript archive"),
             (["--backbone", os.path.join(t, "badshape.pt")], f"{t}/badshape.pt: tensor shapes do not fit one CLIP"),

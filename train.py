@@ -88,17 +88,15 @@ def check_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UserError(f"--device {name}: " + (f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+                                                if count else "no CUDA device is available here; use --device cpu"))
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
     return device
 
 
@@ -159,15 +157,7 @@ def adapter_config(args):
             "dropout": args.dropout_rate, "blocks": args.blocks if args.method == "block" else None,
             "comp_ratio": args.comp_ratio if args.method == "comp" else None, "encoder": args.encoder,
             "position": args.position, "params": results.canonical_params(args.params),
-            "backbone": backbone_name(args.backbone)}
-
-
-def backbone_name(backbone):
-    """The model name for a known file of OpenAI's (so a named model and its local file compare equal)."""
-    for name, (_, filename) in clip_model._MODELS.items():
-        if os.path.basename(backbone) == filename:
-            return name
-    return backbone
+            "backbone": clip_model.model_name(args.backbone)}
 
 
 def adapted_names(model, config):
@@ -301,7 +291,10 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
         for part, state in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
             part.load_state_dict(resume[state])
         iteration, skipped = resume["iteration"], resume["skipped"]
-        set_rng_states(resume["rng"])
+        torch.set_rng_state(resume["rng"]["torch"])  # dropout masks
+        random.setstate(resume["rng"]["python"])
+        if resume["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         # the batches already trained: whole passes, then the first batches of this pass (data.PassSampler)
         loader.sampler.passes, batches = divmod(iteration, len(loader))
         loader.sampler.skip = batches * args.batch_size
@@ -314,7 +307,9 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     def save_checkpoint():
         state = {"config": dict(identity, seed=args.seed), "iteration": iteration, "skipped": skipped,
                  "lora": comp_lora.lora_state_dict(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states()}
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),  # every stream training draws from
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
         state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # CPU tensors:
                                        for index, moments in state["optimizer"]["state"].items()}  # load anywhere
         results.save(run_dir(args) + results.CHECKPOINT, lambda f: torch.save(state, f))
@@ -373,19 +368,6 @@ def passes(loader):
         yield from loader
 
 
-def rng_states():
-    """Every random stream training draws from: torch's (dropout masks), CUDA's, Python's."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 # ------------------------------------------------------------------------------------ runs
 
 def run_dir(args):
@@ -413,24 +395,9 @@ def load_datasets(args):
     return dataset, novel, others
 
 
-def adapter_to_evaluate(args):
-    """The adapter file --eval_only/--adapter reads: --adapter; else ours in the run folder; else the file
-    CLIP-LoRA's code saves for the same flags (--save_path, --backbone, --dataset, --shots, --seed, --filename)."""
-    if args.adapter:
-        return args.adapter
-    ours = os.path.join(run_dir(args), "adapter.pt")
-    theirs = clip_lora_file(args)
-    if os.path.isfile(ours):
-        return ours
-    if os.path.isfile(theirs):
-        print(f"no {ours}: evaluating CLIP-LoRA's adapter file {theirs}")
-        return theirs
-    raise UserError(f"{ours}: no adapter file, nor CLIP-LoRA's {theirs} (train first, or check --save_path)")
-
-
 def clip_lora_file(args):
-    return results.clip_lora_path(args.save_path, backbone_name(args.backbone), args.dataset, args.shots, args.seed,
-                                  args.filename)
+    return results.clip_lora_path(args.save_path, clip_model.model_name(args.backbone), args.dataset, args.shots,
+                                  args.seed, args.filename)
 
 
 def check_fits(model, config):
@@ -452,7 +419,8 @@ def run(args):
     device = check_args(args)
     evaluate_only = args.eval_only or bool(args.adapter)
     config, identity, out = adapter_config(args), run_config(args, device), run_dir(args)
-    adapter_path, resume = adapter_to_evaluate(args) if evaluate_only else None, None
+    adapter_path = results.adapter_to_read(args.adapter, out, clip_lora_file(args)) if evaluate_only else None
+    resume = None
     if not evaluate_only:
         results.check_writable(out, "output directory", new_file=False)
         results.recover(out)
@@ -498,7 +466,8 @@ def run(args):
     record = {"config": identity, "args": vars(args), "template": template, "zero_shot_accuracy": zero_shot,
               "accuracy": final,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "train_seconds": seconds, "torch": torch.__version__, "device": device_name(device)}
+              "train_seconds": seconds, "torch": torch.__version__, "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"}
     if others:
         adapted = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
                    for name, ds in others.items()}
@@ -528,12 +497,6 @@ def run(args):
         print(f"saved {os.path.join(out, 'adapter.pt')} and results.json")
         results.remove(out + results.CHECKPOINT)  # the run is complete: nothing to resume
     return record
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class Stopped(KeyboardInterrupt):
