@@ -41,8 +41,7 @@ def parse_args(argv=None):
     p = results.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="lora", help="lora, comp or block")
     p.add_argument("--dataset", default="dtd", help=f"one of {', '.join(data.DATASETS)}, or synthetic")
-    p.add_argument("--root", "--root_path", dest="root", default="", help="data root (CoOp layout); with "
-                   "--dataset synthetic, a new folder for the demo data (default <save_path>/synthetic_data)")
+    p.add_argument("--root", "--root_path", dest="root", default="", help="data root (CoOp's layout)")
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--seed", type=int, default=1, help=f"0 to {MAX_SEED} (numpy's limit in CLIP-LoRA's seeding)")
     p.add_argument("--backbone", default="ViT-B/16", help=f"{clip_model.available_models()} or a weights file")
@@ -57,30 +56,23 @@ def parse_args(argv=None):
     p.add_argument("--position", default="all", choices=clip_model.POSITIONS)
     p.add_argument("--blocks", type=int, default=8, help="Block-LoRA: number of input chunks n")
     p.add_argument("--comp_ratio", type=float, default=0.5, help="Comp-LoRA: protected share k / min(d_out, d_in)")
-    p.add_argument("--save_path", default="out", help="results root: <save_path>/<dataset>/<method>/<shots>shots/"
-                   "seed<seed>/; a folder that holds a run of another configuration is refused unless --overwrite")
+    p.add_argument("--save_path", default="out", help="root of <dataset>/<method>/<shots>shots/seed<seed>/")
     p.add_argument("--overwrite", action="store_true", help="replace a saved run of another configuration")
-    p.add_argument("--eval_only", action="store_true", help="evaluate this configuration's saved adapter (ours, "
-                   "else CLIP-LoRA's file for these flags); writes only --export_merged, if given")
+    p.add_argument("--eval_only", action="store_true", help="evaluate this configuration's saved adapter")
     p.add_argument("--adapter", default="", metavar="FILE", help="evaluate this adapter file, like --eval_only")
     p.add_argument("--filename", default="lora_weights", help="CLIP-LoRA's adapter file name, without .pt")
     p.add_argument("--eval_datasets", default="", help="comma-separated datasets for zero-shot retention")
     p.add_argument("--subsample", default="all", choices=["all", "base"], help="base: base-to-novel protocol")
-    p.add_argument("--export_merged", default="", metavar="FILE", help="also write a plain CLIP state dict with "
-                   "the adapters merged (with --eval_only or --adapter: of the evaluated adapter)")
+    p.add_argument("--export_merged", default="", metavar="FILE", help="also write CLIP with the adapters merged")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="autocast dtype; "
-                   "auto: fp16 with a gradient scaler on CUDA (as the official lora.py), fp32 elsewhere")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA")
     p.add_argument("--text_checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute the text "
                    "tower in backward instead of storing it; auto: on above 4096 prompt positions (ImageNet: 9,165)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes; the "
-                   "results do not depend on it")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
     p.add_argument("--print_every", type=int, default=50, help="iterations between progress lines")
-    p.add_argument("--checkpoint_every", type=int, default=500, help="iterations between checkpoints, also "
-                   "written at Ctrl-C and SIGTERM (<run folder>.checkpoint.pt, removed once the run is saved); 0: none")
+    p.add_argument("--checkpoint_every", type=int, default=500, help="iterations between checkpoints; 0: none")
     p.add_argument("--resume", action="store_true", help="continue this configuration's run from its checkpoint")
-    p.add_argument("--skip_done", action="store_true", help="exit at once if the run folder holds this "
-                   "configuration's complete result")
+    p.add_argument("--skip_done", action="store_true", help="exit at once if this run is saved already")
     return p.parse_args(argv)
 
 
@@ -132,13 +124,13 @@ def check_args(args):
                         "or the path of a weights file")
     if args.adapter and not os.path.isfile(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such file")
-    if args.export_merged:
+    if args.export_merged:  # never written over an input of the run or another of its outputs
         results.check_writable(args.export_merged, "--export_merged")
-        run = run_dir(args)  # an output written over an input of the run, or over another output, would lose it
+        run = run_dir(args)
+        outputs = [os.path.join(run, "adapter.pt"), os.path.join(run, "results.json"), run + results.CHECKPOINT,
+                   os.path.join(args.save_path, "results.jsonl")]
         taken = [("--backbone", args.backbone), ("--adapter", args.adapter), ("--filename", clip_lora_file(args))]
-        taken += [("--save_path", path) for path in (os.path.join(run, "adapter.pt"), os.path.join(run, "results.json"),
-                                                     run + results.CHECKPOINT, os.path.join(args.save_path, "results.jsonl"))]
-        for flag, path in taken:
+        for flag, path in taken + [("--save_path", path) for path in outputs]:
             if path and os.path.realpath(path) == os.path.realpath(args.export_merged):
                 raise UserError(f"--export_merged {args.export_merged}: is {path}, which {flag} names; choose "
                                 "another file")
@@ -160,19 +152,12 @@ def adapter_config(args):
             "backbone": clip_model.model_name(args.backbone)}
 
 
-def adapted_names(model, config):
-    """The full names of the projections --encoder, --position and --params choose."""
-    try:
-        return clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
-    except ValueError as error:
-        raise UserError(str(error)) from None
-
-
 def add_adapters(model, config):
     """Wrap the configured attention projections with the configured adapter, freeze the rest; returns the layers."""
     method = {"comp": {"comp_ratio": config["comp_ratio"]}, "block": {"blocks": config["blocks"]}}
-    names = comp_lora.add_adapters(model, METHODS[config["method"]], adapted_names(model, config), r=config["r"],
-                                   alpha=config["alpha"], dropout=config["dropout"], **method.get(config["method"], {}))
+    names = clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
+    comp_lora.add_adapters(model, METHODS[config["method"]], names, r=config["r"], alpha=config["alpha"],
+                           dropout=config["dropout"], **method.get(config["method"], {}))
     comp_lora.mark_only_lora_as_trainable(model)
     return [model.get_submodule(name) for name in names]
 
@@ -268,7 +253,7 @@ def test_loader(dataset, preprocess, args):
 
 # -------------------------------------------------------------------------------- training
 
-MAX_SKIPPED_STEPS = 100  # fp16: this many overflowing steps in a row stop the run (our bound; a transient one is skipped)
+MAX_SKIPPED_STEPS = 100  # fp16: overflowing steps in a row that stop a run (our bound; a transient one is skipped)
 STOP = {"deferred": False, "signal": None}  # while training, Ctrl-C and SIGTERM wait for the step's end (see stop)
 
 
@@ -308,7 +293,7 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
         state = {"config": dict(identity, seed=args.seed), "iteration": iteration, "skipped": skipped,
                  "lora": comp_lora.lora_state_dict(model), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),  # every stream training draws from
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),  # every stream training uses
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
         state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # CPU tensors:
                                        for index, moments in state["optimizer"]["state"].items()}  # load anywhere
@@ -402,7 +387,11 @@ def clip_lora_file(args):
 
 def check_fits(model, config):
     """Flags that depend on the model's widths, checked right after loading it and before any data pass."""
-    layers = {name: model.get_submodule(name) for name in adapted_names(model, config)}
+    try:
+        names = clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
+    except ValueError as error:  # a position that selects no block of this model
+        raise UserError(str(error)) from None
+    layers = {name: model.get_submodule(name) for name in names}
     for name, linear in layers.items():
         if config["method"] == "block" and linear.in_features % config["blocks"]:
             raise UserError(f"--blocks {config['blocks']}: {name} has {linear.in_features} inputs, not divisible "
@@ -463,21 +452,19 @@ def run(args):
     final = zero_shot_accuracy(model, dataset, template, preprocess, args, device, cached=cached)
     print(f"test accuracy: {final:.2f} (prompt {template!r})")
 
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     record = {"config": identity, "args": vars(args), "template": template, "zero_shot_accuracy": zero_shot,
-              "accuracy": final,
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "train_seconds": seconds, "torch": torch.__version__, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"}
-    if others:
-        adapted = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
-                   for name, ds in others.items()}
-        record["retention"] = {name: {"plain": plain_others[name], "adapted": adapted[name], "retention":
-                                      adapted[name] / plain_others[name] if plain_others[name] else None,
-                                      "template": ds.zeroshot_template} for name, ds in others.items()}
-        for name, row in record["retention"].items():
-            kept = "n/a" if row["retention"] is None else f"{row['retention']:.3f}"
-            print(f"{name}: zero-shot plain {row['plain']:.2f}  adapted {row['adapted']:.2f}  retention {kept} "
-                  f"(prompt {row['template']!r}, CoOp's for this dataset)")
+              "accuracy": final, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "train_seconds": seconds, "torch": torch.__version__,
+              "device": f"{device.type} ({machine}, {torch.get_num_threads()} threads)"}
+    for name, ds in others.items():  # the plain and the adapted model with the same prompt: CoOp's for the dataset
+        plain = plain_others[name]
+        adapted = zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
+        record.setdefault("retention", {})[name] = {"plain": plain, "adapted": adapted, "retention": adapted / plain
+                                                    if plain else None, "template": ds.zeroshot_template}
+        kept = f"{adapted / plain:.3f}" if plain else "n/a"
+        print(f"{name}: zero-shot plain {plain:.2f}  adapted {adapted:.2f}  retention {kept} (prompt "
+              f"{ds.zeroshot_template!r}, CoOp's for this dataset)")
     if novel is not None:
         new = zero_shot_accuracy(model, novel, template, preprocess, args, device)
         record.update(base_accuracy=final, new_accuracy=new,
