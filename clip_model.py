@@ -362,6 +362,20 @@ def load(name_or_path, device="cpu", download_root=None):
     return model.to(device), preprocess(model.visual.input_resolution)
 
 
+def resolve_precision(requested, device):
+    """The --precision that runs on `device`: auto is fp16 on CUDA (the official lora.py), fp32 elsewhere (our
+    choice: bf16 is slow on CPUs without bf16 units, fp16 on nearly all CPUs)."""
+    if requested == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def autocast(device, precision):
+    """Autocast to fp16 or bf16 on the device's own type (CPU included); none for fp32. precision: --precision."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_precision(precision, device))
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def preprocess(resolution):
     """The test-time transform of openai/CLIP: bicubic resize, center crop, RGB, CLIP normalisation."""
     from torchvision import transforms as T  # only preprocessing needs torchvision

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import comp_lora
 import data
 import results
-import comp_lora
 from block_lora import BlockLoRALinear
+from clip_model import autocast, resolve_precision
 from comp_lora import CompLoRALinear, LoRALinear
 from results import UserError
 
@@ -179,20 +180,6 @@ def load_adapters(path, model, config):
 
 
 # ------------------------------------------------------------------------------ evaluation
-
-def resolve_precision(requested, device):
-    """The --precision that runs on `device`: auto is fp16 on CUDA (the official lora.py), fp32 elsewhere (our
-    choice: bf16 is slow on CPUs without bf16 units, fp16 on nearly all CPUs)."""
-    if requested == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return requested
-
-
-def autocast(device, precision):
-    """Autocast to fp16 or bf16 on the device's own type (CPU included); none for fp32. precision: --precision."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_precision(precision, device))
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
 
 def class_prompts(classnames, template):
     """CLIP-LoRA's prompts: the template filled with each class name, underscores as spaces (lora.py)."""
