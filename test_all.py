@@ -1992,7 +1992,6 @@ class TestCommandLine(unittest.TestCase):
             (["--checkpoint_every", "-1"], "--checkpoint_every -1: expected 0 or more"),
             (["--save_path", os.path.join(t, "badcheckpoint"), "--resume"], "seed1.checkpoint.pt: not a readable "
                                                                              "checkpoint"),
-            (["--summarize", os.path.join(t, "empty")], f"{t}/empty: no results.json found"),
         ]
 
     def test_summarize_names_a_bad_results_file_and_goes_on(self):
