@@ -1600,6 +1600,22 @@ class TestTrain(WithSyntheticData):
                                                      r"lr 0.001; run without --resume to start anew"):
             quiet(train.run, self.args(*flags, "--lr", "1e-3", "--resume", out="other"))
 
+    @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device")
+    def test_cuda_run_saves_cpu_tensors_and_a_seed_fixes_the_initial_adapters(self):
+        initial = []
+        with mock.patch.object(train, "train", side_effect=lambda model, *rest: initial.append(
+                comp_lora.lora_state_dict(model)) or 0.0):
+            for out in ("cuda_a", "cuda_b"):
+                quiet(train.run, self.args("--device", "cuda", "--workers", "2", out=out))
+        self.assertTrue(all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0]))
+        args = self.args("--device", "cuda", "--n_iters", "2", "--export_merged", os.path.join(self.tmp.name, "m.pt"),
+                         out="cuda_run")
+        record, _ = quiet(train.run, args)
+        self.assertEqual(record["config"]["precision"], "fp16")
+        saved = torch.load(os.path.join(train.run_dir(args), "adapter.pt"), weights_only=True)  # where they were saved
+        merged = torch.load(os.path.join(self.tmp.name, "m.pt"), weights_only=True)
+        self.assertEqual({v.device.type for v in [*saved["state_dict"].values(), *merged.values()]}, {"cpu"})
+
     def test_skip_done_exits_before_loading_anything(self):
         args = self.args("--n_iters", "1", out="done")
         quiet(train.run, args)
