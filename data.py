@@ -1,30 +1,24 @@
 """Datasets for few-shot CLIP fine-tuning: CoOp folder layouts, CLIP-LoRA's few-shot draw, image loaders.
 
-The protocol follows CLIP-LoRA (MaxZanella/CLIP-LoRA: `main.py`, `datasets/*.py`), whose dataset code comes
-from CoOp (KaiyangZhou/CoOp `datasets/*.py`) and Dassl (`dassl/data/datasets/base_dataset.py`):
+The protocol is CLIP-LoRA's (MaxZanella/CLIP-LoRA `main.py`, `datasets/*.py`), whose dataset code comes from CoOp
+(KaiyangZhou/CoOp `datasets/*.py`) and Dassl (`dassl/data/datasets/base_dataset.py`):
 
-- Seed: CLIP-LoRA `main.py` calls `set_random_seed` (`run_utils.py`: random.seed, numpy, torch) and then
-  builds the dataset; nothing between draws from Python's `random`. `build_dataset` calls `random.seed(seed)`
-  at that point and then makes the same calls to `random`, so a seed gives CLIP-LoRA's images item for item.
-- Draw (`DatasetBase.generate_fewshot_dataset`, CLIP-LoRA `datasets/utils.py`): items are grouped by label in
-  order of first appearance in the split (`split_dataset_by_label`), then per group `random.sample(group,
-  shots)`; a group smaller than `shots` gets `random.choices(group, k=shots)` (drawn with replacement:
-  CLIP-LoRA keeps Dassl's old default repeat=True; newer Dassl defaults to repeat=False, keeping the group).
+- Seed: CLIP-LoRA `main.py` seeds (`run_utils.py` set_random_seed: random, numpy, torch), then builds the dataset
+  with no `random` draw between; `build_dataset` calls `random.seed(seed)` there, then makes the same draws.
+- Draw (`DatasetBase.generate_fewshot_dataset`, CLIP-LoRA `datasets/utils.py`): items grouped by label in order of
+  first appearance (`split_dataset_by_label`), then per group `random.sample(group, shots)`, or for a smaller group
+  `random.choices(group, k=shots)` (CLIP-LoRA keeps Dassl's old default repeat=True; newer Dassl keeps the group).
 - Order: CLIP-LoRA draws val (min(shots, 4) per class) BEFORE train in every dataset but ImageNet (e.g.
-  `datasets/eurosat.py`); CoOp draws train first, then val (CoOp `datasets/eurosat.py`), so the same seed
-  picks other images there. We follow CLIP-LoRA.
-- ImageNet (CLIP-LoRA `datasets/imagenet.py`): the train folder is listed as torchvision's ImageFolder does;
-  per class, in label order, one `random.sample(items, shots + min(shots, 4))`: the first `shots` are train,
-  the rest val (so val comes from the train folder); test is the whole official val folder. Class names: CoOp's
-  classnames.txt if present, else imagenet_classes.txt (CLIP's names, which CLIP-LoRA's `imagenet_classes`
-  gives label i, i.e. the i-th sorted wnid; we look them up by wnid, which is the same on the 1,000 folders).
-- Prompts: every CLIP-LoRA dataset sets `template = ['a photo of a {}.']` (CoOp's per-dataset prompts are left
-  there in comments); CoOp's zero-shot prompts are `CUSTOM_TEMPLATES` in CoOp `trainers/zsclip.py`.
-  Both replace '_' by ' ' when formatting a prompt (CLIP-LoRA `utils.py` clip_classifier and `lora.py`; CoOp
-  zsclip.py); we do it once here, so `classnames` are ready for `template.format(name)`.
-- Base/new split (CoCoOp; CoOp `datasets/oxford_pets.py` subsample_classes, called after the few-shot draw):
-  sorted labels, m = ceil(n / 2), base = the first m, new = the rest, relabelled 0.. in order; the same
-  selection applies to train, val and test.
+  `datasets/eurosat.py`); CoOp draws train first (CoOp `datasets/eurosat.py`): other images. We follow CLIP-LoRA.
+- ImageNet (CLIP-LoRA `datasets/imagenet.py`): per class of the train folder (listed as torchvision's ImageFolder
+  does), in label order, one `random.sample(items, shots + min(shots, 4))`: the first `shots` are train, the rest
+  val; test is the official val folder. Class names: CoOp's classnames.txt if present, else imagenet_classes.txt
+  (CLIP's names; CLIP-LoRA's `imagenet_classes` names label i, the i-th sorted wnid: we look them up by wnid).
+- Prompts: every CLIP-LoRA dataset sets `template = ['a photo of a {}.']` (CoOp's per-dataset prompts left there in
+  comments); CoOp's zero-shot prompts are CoOp `trainers/zsclip.py` CUSTOM_TEMPLATES. Both replace '_' by ' ' in a
+  prompt (CLIP-LoRA `utils.py` clip_classifier and `lora.py`; CoOp zsclip.py): `classnames` have it done already.
+- Base/new split (CoCoOp; CoOp `datasets/oxford_pets.py` subsample_classes, after the few-shot draw): sorted labels,
+  m = ceil(n / 2), base = the first m, new = the rest, relabelled 0..; the same in train, val and test.
 """
 import hashlib
 import json
@@ -42,6 +36,7 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP normalisation, as in CLIP-LoRA main.py
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 README_HINT = "see README.md, section Datasets"
+IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
 SUBSAMPLES = ("all", "base", "new")
 
 # CoOp datasets/eurosat.py NEW_CNAMES. CoOp applied it when it wrote split_zhou_EuroSAT.json, so the released
@@ -50,16 +45,14 @@ EUROSAT_CLASSNAMES = {
     "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
     "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
     "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
-    "SeaLake": "Sea or Lake",
-}
+    "SeaLake": "Sea or Lake"}
 
 
 class DataError(ValueError):
     """A user mistake about data (path, flag, file); the message is one line naming what is wrong."""
 
     def __str__(self):
-        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker ...\n
-        # <traceback>"); its last line holds the original message, which is what the user needs.
+        # a worker's error comes back as "Caught DataError in DataLoader worker ...\n<traceback>": keep its last line
         text = super().__str__().strip()
         return text.splitlines()[-1].split("DataError: ", 1)[-1] if "\n" in text else text
 
@@ -70,7 +63,7 @@ class DatasetSpec:
     folders: tuple  # accepted folder names: CoOp's first, then CLIP-LoRA's code name (e.g. "dtd", "DTD")
     images: tuple  # image folder(s) inside it, first that exists ("" is the dataset folder itself)
     reader: str  # split_json | fgvc | imagenet | imagenetv2 | wnid_folders | imagefolder
-    split: str = ""  # the split file (split_json) or class-name file
+    split: str = "classnames.txt"  # the split file (split_json) or class-name file
     zeroshot_template: str = "a photo of a {}."  # CoOp trainers/zsclip.py CUSTOM_TEMPLATES
     renames: dict = field(default_factory=dict)
 
@@ -79,35 +72,31 @@ class DatasetSpec:
         return self.reader in ("imagenetv2", "wnid_folders")
 
 
-def _coop_split(folders, images, split, template="a photo of a {}.", renames=None):
-    return DatasetSpec(folders, (images,), "split_json", split, template, renames or {})
+def _coop(folders, images, split, template="a photo of a {}.", renames=None):  # read from CoOp's split file
+    return DatasetSpec(folders, (images,), "split_json", f"split_zhou_{split}.json", template, renames or {})
 
 
 DATASETS = {
-    "eurosat": _coop_split(("eurosat",), "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.",
-                     EUROSAT_CLASSNAMES),
-    "dtd": _coop_split(("dtd", "DTD"), "images", "split_zhou_DescribableTextures.json", "{} texture."),
-    "oxford_pets": _coop_split(("oxford_pets", "OxfordPets"), "images", "split_zhou_OxfordPets.json",
-                         "a photo of a {}, a type of pet."),
+    "eurosat": _coop(("eurosat",), "2750", "EuroSAT", "a centered satellite photo of {}.", EUROSAT_CLASSNAMES),
+    "dtd": _coop(("dtd", "DTD"), "images", "DescribableTextures", "{} texture."),
+    "oxford_pets": _coop(("oxford_pets", "OxfordPets"), "images", "OxfordPets", "a photo of a {}, a type of pet."),
     # cat_to_name.json only served CoOp to write the split; the names are in the split file.
-    "oxford_flowers": _coop_split(("oxford_flowers", "Flower102"), "jpg", "split_zhou_OxfordFlowers.json",
+    "oxford_flowers": _coop(("oxford_flowers", "Flower102"), "jpg", "OxfordFlowers",
                             "a photo of a {}, a type of flower."),
     "fgvc": DatasetSpec(("fgvc_aircraft",), ("images",), "fgvc", "variants.txt",
                         "a photo of a {}, a type of aircraft."),
-    "food101": _coop_split(("food-101", "Food101"), "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
-    "caltech101": _coop_split(("caltech-101", "Caltech101"), "101_ObjectCategories", "split_zhou_Caltech101.json"),
-    "stanford_cars": _coop_split(("stanford_cars", "StanfordCars"), "", "split_zhou_StanfordCars.json"),
-    "sun397": _coop_split(("sun397", "SUN397"), "SUN397", "split_zhou_SUN397.json"),
-    "ucf101": _coop_split(("ucf101", "UCF101"), "UCF-101-midframes", "split_zhou_UCF101.json",
-                    "a photo of a person doing {}."),
+    "food101": _coop(("food-101", "Food101"), "images", "Food101", "a photo of {}, a type of food."),
+    "caltech101": _coop(("caltech-101", "Caltech101"), "101_ObjectCategories", "Caltech101"),
+    "stanford_cars": _coop(("stanford_cars", "StanfordCars"), "", "StanfordCars"),
+    "sun397": _coop(("sun397", "SUN397"), "SUN397", "SUN397"),
+    "ucf101": _coop(("ucf101", "UCF101"), "UCF-101-midframes", "UCF101", "a photo of a person doing {}."),
     # CoOp: imagenet/images/{train,val}; CLIP-LoRA's code: imagenet/{train,val}.
-    "imagenet": DatasetSpec(("imagenet",), ("images", ""), "imagenet", "classnames.txt"),
-    "imagenetv2": DatasetSpec(("imagenetv2",), ("imagenetv2-matched-frequency-format-val",), "imagenetv2",
-                              "classnames.txt"),
-    "imagenet_sketch": DatasetSpec(("imagenet-sketch",), ("images",), "wnid_folders", "classnames.txt"),
-    "imagenet_a": DatasetSpec(("imagenet-adversarial",), ("imagenet-a",), "wnid_folders", "classnames.txt"),
-    "imagenet_r": DatasetSpec(("imagenet-rendition",), ("imagenet-r",), "wnid_folders", "classnames.txt"),
-    "imagefolder": DatasetSpec(("imagefolder",), ("",), "imagefolder"),
+    "imagenet": DatasetSpec(("imagenet",), ("images", ""), "imagenet"),
+    "imagenetv2": DatasetSpec(("imagenetv2",), ("imagenetv2-matched-frequency-format-val",), "imagenetv2"),
+    "imagenet_sketch": DatasetSpec(("imagenet-sketch",), ("images",), "wnid_folders"),
+    "imagenet_a": DatasetSpec(("imagenet-adversarial",), ("imagenet-a",), "wnid_folders"),
+    "imagenet_r": DatasetSpec(("imagenet-rendition",), ("imagenet-r",), "wnid_folders"),
+    "imagefolder": DatasetSpec(("imagefolder",), ("",), "imagefolder", ""),
 }
 
 
@@ -143,47 +132,33 @@ class FewShotData:
 
 
 # ------------------------------------------------------------------------------------------ reading
-# A reader (root, name, spec, test_only) -> (classnames, train, val, test); with test_only, train may be None (not
-# listed: an evaluation-only use of ImageNet skips 1.28M files). Its messages leave the flag to build_dataset.
-
-IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
+# A reader (dataset folder, image folder, name, spec, test_only) -> (classnames, train, val, test); with test_only,
+# train may be None (not listed: an evaluation-only use of ImageNet skips 1.28M files). Messages leave the flag out.
 
 
-def _existing_dir(base, candidates, name, what="folder"):
-    """base/<first candidate that is a folder>, else a DataError naming the first one and the expected layout."""
+def _existing(base, candidates, name, what="folder"):
+    """base/<first existing candidate> (a folder; a file if `what` is "file"), else a DataError naming the first."""
+    exists = os.path.isfile if what == "file" else os.path.isdir
     for candidate in candidates:
-        if os.path.isdir(os.path.join(base, candidate)):
+        if exists(os.path.join(base, candidate)):
             return os.path.join(base, candidate)
     raise DataError(f"{what} {os.path.join(base, candidates[0])} not found (expected {DATASET_HELP[name]}; "
                     f"{README_HINT})")
 
 
-def _dataset_dirs(root, name, spec):
-    """(the dataset's folder, its image folder) under the data root."""
-    directory = _existing_dir(root, spec.folders, name, "dataset folder")
-    return directory, _existing_dir(directory, spec.images, name, "image folder")
-
-
-def _required_file(directory, filename, name):
-    path = os.path.join(directory, filename)
-    if not os.path.isfile(path):
-        raise DataError(f"file {path} not found (expected {DATASET_HELP[name]}; {README_HINT})")
-    return path
-
-
 def _text_lines(path):
-    """The lines of a UTF-8 text file; an unreadable or undecodable file is a DataError naming it."""
+    """(number, stripped line) for each non-blank line of a UTF-8 text file; unreadable, it is a DataError."""
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+            lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read {path} as UTF-8 text ({type(error).__name__}: {error})") from None
+    return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
 
 
-def _read_split_json(root, name, spec, test_only):
+def _read_split_json(directory, images, name, spec, test_only):
     """CoOp's split_zhou_*.json: {"train"|"val"|"test": [[path relative to the image folder, label, name]]}."""
-    directory, images = _dataset_dirs(root, name, spec)
-    path = _required_file(directory, spec.split, name)
+    path = _existing(directory, (spec.split,), name, "file")
     try:
         with open(path) as f:
             split = json.load(f)
@@ -206,24 +181,19 @@ def _read_split_json(root, name, spec, test_only):
     return classnames, train, val, test
 
 
-def _read_fgvc(root, name, spec, test_only):
-    """FGVC-Aircraft (CoOp datasets/fgvc_aircraft.py): variants.txt gives the labels in line order;
-    images_variant_<split>.txt has lines "<image id> <variant name>" for images/<image id>.jpg."""
-    directory, images = _dataset_dirs(root, name, spec)
-    classnames = [line.strip() for line in _text_lines(_required_file(directory, spec.split, name)) if line.strip()]
+def _read_fgvc(directory, images, name, spec, test_only):
+    """FGVC-Aircraft (CoOp datasets/fgvc_aircraft.py): labels in variants.txt's order; lines "<image id> <variant>"."""
+    classnames = [line for _, line in _text_lines(_existing(directory, (spec.split,), name, "file"))]
     label_of = {cname: label for label, cname in enumerate(classnames)}
     parts = []
     for part in ("train", "val", "test"):
-        path = _required_file(directory, f"images_variant_{part}.txt", name)
-        items = []
-        for number, line in enumerate(_text_lines(path), 1):
-            if not line.strip():
-                continue
-            image_id, _, variant = line.strip().partition(" ")
+        path = _existing(directory, (f"images_variant_{part}.txt",), name, "file")
+        parts.append([])
+        for number, line in _text_lines(path):
+            image_id, _, variant = line.partition(" ")
             if variant not in label_of:
                 raise DataError(f"{path} line {number}: variant {variant!r} is not in {spec.split}")
-            items.append((os.path.join(images, image_id + ".jpg"), label_of[variant]))
-        parts.append(items)
+            parts[-1].append((os.path.join(images, image_id + ".jpg"), label_of[variant]))
     _check_every_class_has_images(parts[0], classnames, f"{directory}/images_variant_train.txt")
     return (classnames, *parts)
 
@@ -233,11 +203,11 @@ def _class_folders(directory):
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _list_images(directory, label_of, train_dir=None):
-    """(path, label) for the images in directory/<folder>/ (recursive, sorted, ImageFolder's extensions), the
-    order torchvision's ImageFolder uses; every class folder that exists must hold at least one image. With
-    `train_dir`, this is another split of it: a class folder that train lacks is a mistake."""
+def _list_images(directory, folders, train_dir=None):
+    """(path, label) for the images in directory/<folders[label]>/ in torchvision ImageFolder's order and extensions;
+    a class folder that exists must hold images. With `train_dir`, a class folder that train lacks is a mistake."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # here: importing torchvision takes 1.5 s
+    label_of = {folder: label for label, folder in enumerate(folders)}
     unknown = [folder for folder in _class_folders(directory) if folder not in label_of] if train_dir else []
     if unknown:
         raise DataError(f"class folder {os.path.join(directory, unknown[0])} has no counterpart in {train_dir}")
@@ -250,71 +220,52 @@ def _list_images(directory, label_of, train_dir=None):
     return items
 
 
-def _wnid_names(path):
-    """{wnid: class name} from lines "<wnid> <class name>" (CoOp's classnames.txt, CoOp datasets/imagenet.py)."""
-    pairs = (line.strip().partition(" ") for line in _text_lines(path))
-    return {wnid: cname.replace("_", " ") for wnid, _, cname in pairs if wnid}
-
-
-def _names_for(wnids, path):
-    names = _wnid_names(path)
-    missing = [wnid for wnid in wnids if wnid not in names]
+def _wnid_names(path, wnids=None):
+    """Names of `wnids` (else all, in order) from lines "<wnid> <name>" (CoOp classnames.txt, datasets/imagenet.py)."""
+    pairs = (line.partition(" ") for _, line in _text_lines(path))
+    names = {wnid: cname.replace("_", " ") for wnid, _, cname in pairs}
+    missing = [wnid for wnid in wnids or () if wnid not in names]
     if missing:
         raise DataError(f"class folder {missing[0]} is not listed in {path}")
-    return [names[wnid] for wnid in wnids]
+    return list(names.values()) if wnids is None else [names[wnid] for wnid in wnids]
 
 
-def _read_imagenet(root, name, spec, test_only):
-    directory, images = _dataset_dirs(root, name, spec)
-    train_dir, test_dir = (_existing_dir(images, (part,), name) for part in ("train", "val"))
-    wnids = _class_folders(train_dir)
-    names = os.path.join(directory, spec.split)
-    classnames = _names_for(wnids, names if os.path.isfile(names) else IMAGENET_CLASSES)
-    label_of = {wnid: label for label, wnid in enumerate(wnids)}
-    train = None if test_only else _list_images(train_dir, label_of)
-    return classnames, train, None, _list_images(test_dir, label_of, train_dir)
-
-
-def _read_imagenetv2(root, name, spec, test_only):
-    """ImageNetV2 (CoOp datasets/imagenetv2.py): folder <i> holds class i, named by line i of classnames.txt."""
-    directory, images = _dataset_dirs(root, name, spec)
-    classnames = list(_wnid_names(_required_file(directory, spec.split, name)).values())
-    return classnames, [], [], _list_images(images, {str(label): label for label in range(len(classnames))})
-
-
-def _read_wnid_folders(root, name, spec, test_only):
-    """ImageNet-Sketch/-A/-R (CoOp datasets/imagenet_sketch.py, imagenet_a.py, imagenet_r.py): the class set is
-    the <wnid> folders present (200 for A and R), labelled 0.. in sorted order, named by classnames.txt."""
-    directory, images = _dataset_dirs(root, name, spec)
-    wnids = _class_folders(images)
-    classnames = _names_for(wnids, _required_file(directory, spec.split, name))
-    return classnames, [], [], _list_images(images, {wnid: label for label, wnid in enumerate(wnids)})
-
-
-def _read_imagefolder(root, name, spec, test_only):
-    """The user's data: <root>/imagefolder/{train,test}/<class>/, optional .../val/<class>/ (val = [] without)."""
-    directory, _ = _dataset_dirs(root, name, spec)
-    train_dir, test_dir = (_existing_dir(directory, (part,), name) for part in ("train", "test"))
+def _read_train_test(directory, images, name, spec, test_only):
+    """ImageNet: images/{train,val}/<wnid>/ named by wnid (val is the test split: CLIP-LoRA draws val from train).
+    imagefolder, the user's data: {train,test}/<class>/ and optional val/<class>/ (else val = []), named by folder."""
+    imagenet = spec.reader == "imagenet"
+    train_dir, test_dir = (_existing(images, (part,), name) for part in ("train", "val" if imagenet else "test"))
     folders = _class_folders(train_dir)
-    if not folders:
+    if not folders and not imagenet:
         raise DataError(f"folder {train_dir} has no class sub-folders (expected {DATASET_HELP[name]})")
-    label_of = {folder: label for label, folder in enumerate(folders)}
+    names = os.path.join(directory, spec.split)
+    classnames = (_wnid_names(names if os.path.isfile(names) else IMAGENET_CLASSES, folders) if imagenet
+                  else [folder.replace("_", " ") for folder in folders])
     val_dir = os.path.join(directory, "val")
-    train = None if test_only else _list_images(train_dir, label_of)
-    val = [] if test_only or not os.path.isdir(val_dir) else _list_images(val_dir, label_of, train_dir)
-    classnames = [folder.replace("_", " ") for folder in folders]
-    return classnames, train, val, _list_images(test_dir, label_of, train_dir)
+    train = None if test_only else _list_images(train_dir, folders)
+    val = [] if imagenet or test_only or not os.path.isdir(val_dir) else _list_images(val_dir, folders, train_dir)
+    return classnames, train, val, _list_images(test_dir, folders, train_dir)
+
+
+def _read_eval_folders(directory, images, name, spec, test_only):
+    """ImageNetV2 (CoOp datasets/imagenetv2.py): folder <i> holds class i, named by line i of classnames.txt;
+    ImageNet-Sketch/-A/-R (CoOp datasets/imagenet_sketch.py, imagenet_a.py, imagenet_r.py): the <wnid> folders
+    present (200 for A and R), labelled in sorted order, named by classnames.txt."""
+    path = _existing(directory, (spec.split,), name, "file")
+    wnids = None if spec.reader == "imagenetv2" else _class_folders(images)  # ImageNetV2: every line, in order
+    classnames = _wnid_names(path, wnids)
+    folders = [str(label) for label in range(len(classnames))] if wnids is None else wnids
+    return classnames, [], [], _list_images(images, folders)
 
 
 def _check_every_class_has_images(items, classnames, where):
-    present = {label for _, label in items}
-    for label, cname in enumerate(classnames):
-        if label not in present:
-            raise DataError(f"class {cname!r} (label {label}) has no images in {where}")
+    empty = sorted(set(range(len(classnames))) - {label for _, label in items})
+    if empty:
+        raise DataError(f"class {classnames[empty[0]]!r} (label {empty[0]}) has no images in {where}")
 
 
-_READERS = {"split_json": _read_split_json, "fgvc": _read_fgvc, "imagenet": _read_imagenet,
-            "imagenetv2": _read_imagenetv2, "wnid_folders": _read_wnid_folders, "imagefolder": _read_imagefolder}
+_READERS = {"split_json": _read_split_json, "fgvc": _read_fgvc, "imagenet": _read_train_test,
+            "imagenetv2": _read_eval_folders, "wnid_folders": _read_eval_folders, "imagefolder": _read_train_test}
 
 # (name, absolute root) -> its reader's output. A run asks for a dataset more than once (--subsample base builds
 # "base" and "new"; --eval_datasets): its files are read once per process. After changing them: LISTINGS.clear().
@@ -331,8 +282,7 @@ def _group_by_label(items):
 
 
 def draw_fewshot(items, shots, classnames, split_name):
-    """`shots` items per class, CLIP-LoRA's generate_fewshot_dataset (repeat=True): random.sample per class,
-    random.choices (with replacement) for a class with fewer items, which also warns."""
+    """`shots` items per class, as CLIP-LoRA's generate_fewshot_dataset (repeat=True, see the top); warns on repeats."""
     drawn = []
     for label, group in _group_by_label(items).items():
         if len(group) >= shots:
@@ -346,21 +296,19 @@ def draw_fewshot(items, shots, classnames, split_name):
 
 def _draw_imagenet(train, shots, classnames):
     """CLIP-LoRA datasets/imagenet.py: one random.sample of shots + min(shots, 4) per class; train, then val."""
-    val_shots = min(shots, 4)
-    train_drawn, val_drawn = [], []
+    k = shots + min(shots, 4)
+    samples = []
     for label, group in _group_by_label(train).items():
-        if len(group) < shots + val_shots:
+        if len(group) < k:
             raise DataError(f"ImageNet class {classnames[label]!r} has {len(group)} train images; "
-                            f"--shots {shots} needs {shots + val_shots} (shots + min(shots, 4) for val)")
-        picked = random.sample(group, shots + val_shots)
-        train_drawn += picked[:shots]
-        val_drawn += picked[shots:]
-    return train_drawn, val_drawn
+                            f"--shots {shots} needs {k} (shots + min(shots, 4) for val)")
+        samples.append(random.sample(group, k))
+    return ([item for sample in samples for item in sample[:shots]],
+            [item for sample in samples for item in sample[shots:]])
 
 
 def subsample_classes(classnames, splits, subsample):
-    """CoCoOp's base/new rule (CoOp datasets/oxford_pets.py subsample_classes): labels sorted, m = ceil(n / 2);
-    "base" keeps labels < m, "new" keeps labels >= m, relabelled 0.. in order. Returns (classnames, splits)."""
+    """CoCoOp's base/new rule (CoOp datasets/oxford_pets.py subsample_classes, see the top) -> (classnames, splits)."""
     if subsample == "all":
         return classnames, splits
     m = math.ceil(len(classnames) / 2)
@@ -371,19 +319,18 @@ def subsample_classes(classnames, splits, subsample):
 
 
 def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", test_only=False):
-    """Read dataset `name` under the data root `root`, seed Python's `random` with `seed` and draw CLIP-LoRA's
-    few-shot train/val, then keep CoCoOp's base or new half if asked. `flag` is the option that named the
-    dataset, for messages. With `test_only` (evaluation-only uses), or for the eval-only datasets (imagenetv2,
-    imagenet_sketch, imagenet_a, imagenet_r), train = val = [] and `shots` is not used."""
+    """Read dataset `name` under the data root `root`, seed Python's `random` with `seed`, draw CLIP-LoRA's few-shot
+    train/val, keep CoCoOp's base or new half if asked. `flag` named the dataset (for messages). With `test_only`, or
+    for the eval-only datasets (imagenetv2, imagenet_sketch, imagenet_a, imagenet_r), train = val = [], no shots."""
     if name not in DATASETS:
         raise DataError(f"{flag}: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
     test_only = test_only or spec.eval_only
     if not test_only and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise DataError(f"--shots {shots!r}: expected a positive integer")
-    if subsample not in SUBSAMPLES or (spec.eval_only and subsample != "all"):
-        allowed = "all" if spec.eval_only else ", ".join(SUBSAMPLES)
-        raise DataError(f"subsample {subsample!r} for {flag} {name}: expected {allowed}")
+    allowed = ("all",) if spec.eval_only else SUBSAMPLES
+    if subsample not in allowed:
+        raise DataError(f"subsample {subsample!r} for {flag} {name}: expected {', '.join(allowed)}")
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
         state = "is not a folder" if os.path.exists(root) else "does not exist"
@@ -391,7 +338,9 @@ def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", te
     try:
         listing = LISTINGS.get((name, root))
         if listing is None or (listing[1] is None and not test_only):  # not read yet, or without train
-            listing = LISTINGS[name, root] = _READERS[spec.reader](root, name, spec, test_only)
+            directory = _existing(root, spec.folders, name, "dataset folder")
+            images = _existing(directory, spec.images, name, "image folder")
+            listing = LISTINGS[name, root] = _READERS[spec.reader](directory, images, name, spec, test_only)
         classnames, train, val, test = listing
         random.seed(seed)  # as CLIP-LoRA's main.py, before the draw (reading the files draws nothing)
         if test_only:
@@ -410,10 +359,9 @@ def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", te
             raise DataError(f"image {missing} is listed but does not exist ({README_HINT})")
     except DataError as error:
         raise DataError(f"{flag} {name}: {error}") from None
-    # CoCoOp subsamples after the few-shot draw (CoOp datasets/*.py), so the draw does not depend on it
-    classnames, (train, val, test) = subsample_classes(classnames, (train, val, test), subsample)
-    train, val, test = (list(split) for split in (train, val, test))  # copies: LISTINGS keeps its lists as read
-    return FewShotData(name, list(classnames), ["a photo of a {}."], spec.zeroshot_template, train, val, test)
+    # after the draw, as CoCoOp (CoOp datasets/*.py): the draw does not depend on it. Copies keep LISTINGS as read.
+    classnames, splits = subsample_classes(classnames, (train, val, test), subsample)
+    return FewShotData(name, list(classnames), ["a photo of a {}."], spec.zeroshot_template, *map(list, splits))
 
 
 # -------------------------------------------------------------------------------- images and loaders
@@ -431,15 +379,12 @@ def train_transform(size):
 
 def _sample_seed(*numbers):
     """A 63-bit seed from a tuple of integers (stable across machines and Python versions)."""
-    digest = hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return int.from_bytes(hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class PassSampler(torch.utils.data.Sampler):
-    """Yields (pass, index) keys: pass p over the data is shuffled by a generator seeded with (seed, p).
-
-    The keys let ImageList draw each sample's augmentation from (seed, pass, index) alone, so the batches do
-    not depend on which worker process loads which sample (any --workers gives the same run)."""
+    """Yields (pass, index) keys, pass p shuffled by a generator seeded with (seed, p): ImageList draws each
+    augmentation from (seed, pass, index) alone, so that any --workers gives the same batches."""
 
     def __init__(self, size, shuffle, seed):
         self.size, self.shuffle, self.seed, self.passes, self.skip = size, shuffle, seed, 0, 0
@@ -457,10 +402,8 @@ class PassSampler(torch.utils.data.Sampler):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image tensor, label) over a list of (path, label); an unreadable image raises DataError naming it.
-
-    A key is an index or a PassSampler's (pass, index); the transform's random draws come from a generator
-    seeded with (seed, pass, index), and the caller's random stream is left untouched."""
+    """(image tensor, label) for a key (index, or PassSampler's (pass, index)) over a list of (path, label); the
+    transform draws from (seed, pass, index) alone. An unreadable image raises DataError naming it."""
 
     def __init__(self, items, transform, seed=0):
         self.items, self.transform, self.seed = list(items), transform, seed
@@ -486,12 +429,10 @@ def make_loader(items, transform, batch_size, shuffle, workers, seed=0, pin_memo
     it never draws from torch's global random stream. pin_memory: only when the batches go to a CUDA device."""
     if shuffle and not items:
         raise DataError("no images to train on: the training split is empty")
-    return torch.utils.data.DataLoader(ImageList(items, transform, seed), batch_size=batch_size,
-                                       sampler=PassSampler(len(items), shuffle, seed), num_workers=workers,
-                                       drop_last=False, pin_memory=pin_memory,
-                                       # the loader's own seed draws (worker seeds) come from here, not torch's
-                                       generator=torch.Generator().manual_seed(seed),
-                                       # few-shot epochs are a batch or two: keep workers alive across them
+    # worker seeds come from `generator`; few-shot epochs are a batch or two: persistent workers live across them
+    return torch.utils.data.DataLoader(ImageList(items, transform, seed), batch_size=batch_size, num_workers=workers,
+                                       sampler=PassSampler(len(items), shuffle, seed), drop_last=False,
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
                                        persistent_workers=workers > 0)
 
 
@@ -500,6 +441,7 @@ def make_loader(items, transform, batch_size, shuffle, workers, seed=0, pin_memo
 # One colour per class, far apart so that even a tiny, randomly initialised CLIP tells them apart.
 _PALETTE = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 210, 40), (200, 60, 200),
             (40, 200, 210), (240, 140, 30), (120, 60, 170), (235, 235, 235), (110, 110, 110)]
+_SYNTHETIC_MARK = "synthetic_demo.json"  # written last: its presence means the folder is complete
 
 
 def _synthetic_image(label, size, generator):
@@ -509,18 +451,13 @@ def _synthetic_image(label, size, generator):
     stripes = ((along // (2 + label % 4)) % 2).float()
     colour = torch.tensor(_PALETTE[label], dtype=torch.float32)
     pixels = colour * (0.7 + 0.3 * stripes)[..., None] + 6 * torch.randn(size, size, 3, generator=generator)
-    data = bytes(pixels.round().clamp(0, 255).to(torch.uint8).flatten().tolist())
-    return Image.frombytes("RGB", (size, size), data)
+    return Image.frombytes("RGB", (size, size), bytes(pixels.round().clamp(0, 255).to(torch.uint8).flatten().tolist()))
 
 
 def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, size=32, seed=0):
-    """Write a tiny, easy dataset in two real layouts into the new folder `root`, and return `root`:
-    root/eurosat/2750/<Folder>/<Folder>_<i>.jpg with root/eurosat/split_zhou_EuroSAT.json (EuroSAT's first
-    `n_classes` folder names, 4 val images per class), and root/imagefolder/{train,test}/<class>/*.png.
-
-    Nothing that exists is written into: the folder is built under a temporary name and renamed into place,
-    so it is complete or absent. A complete demo folder of the same parameters is reused (also when a
-    concurrent call made it first); any other existing folder, unless empty, is a DataError."""
+    """Write a tiny, easy dataset into the new folder `root`, return it: eurosat/ (EuroSAT's first `n_classes` folders,
+    4 val images per class) and imagefolder/{train,test}/<class>/*.png; renamed into place when complete. A complete
+    demo folder of the same parameters is reused (also a concurrent call's); any other non-empty one is a DataError."""
     folders = list(EUROSAT_CLASSNAMES)
     if not 1 <= n_classes <= len(folders):
         raise DataError(f"n_classes {n_classes}: expected 1 to {len(folders)} (EuroSAT has {len(folders)} classes)")
@@ -553,9 +490,6 @@ def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, 
     return root
 
 
-_SYNTHETIC_MARK = "synthetic_demo.json"  # written last: its presence means the folder is complete
-
-
 def _is_synthetic(root, params):
     try:
         with open(os.path.join(root, _SYNTHETIC_MARK)) as f:
@@ -568,24 +502,19 @@ def _write_synthetic_files(root, folders, params):
     generator = torch.Generator().manual_seed(params["seed"])
     counts = {"train": params["n_train_per_class"], "val": 4, "test": params["n_test_per_class"]}
     split = {part: [] for part in counts}
+    parts = [part for part, count in counts.items() for _ in range(count)]  # a class's EuroSAT images
+    eurosat, imagefolder = [], []  # (label, path): the generator draws EuroSAT's images first
     for label, folder in enumerate(folders):
-        os.makedirs(os.path.join(root, "eurosat", "2750", folder), exist_ok=True)
-        index = 1  # EuroSAT numbers its files from 1
-        for part, count in counts.items():
-            for _ in range(count):
-                relative = f"{folder}/{folder}_{index}.jpg"
-                _synthetic_image(label, params["size"], generator).save(
-                    os.path.join(root, "eurosat", "2750", relative), quality=95)
-                split[part].append([relative, label, folder])
-                index += 1
+        for index, part in enumerate(parts, 1):  # EuroSAT numbers its files from 1
+            split[part].append([f"{folder}/{folder}_{index}.jpg", label, folder])
+            eurosat.append((label, os.path.join(root, "eurosat", "2750", folder, f"{folder}_{index}.jpg")))
+        cname = EUROSAT_CLASSNAMES[folder].lower().replace(" ", "_")
+        imagefolder += [(label, os.path.join(root, "imagefolder", part, cname, f"{cname}_{index}.png"))
+                        for part in ("train", "test") for index in range(counts[part])]
+    for label, path in eurosat + imagefolder:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _synthetic_image(label, params["size"], generator).save(path, quality=95)  # JPEG quality; PNG ignores it
     with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
         json.dump(split, f, indent=1)
-    for label, folder in enumerate(folders):
-        cname = EUROSAT_CLASSNAMES[folder].lower().replace(" ", "_")
-        for part in ("train", "test"):
-            directory = os.path.join(root, "imagefolder", part, cname)
-            os.makedirs(directory, exist_ok=True)
-            for index in range(counts[part]):
-                _synthetic_image(label, params["size"], generator).save(os.path.join(directory, f"{cname}_{index}.png"))
     with open(os.path.join(root, _SYNTHETIC_MARK), "w") as f:
         json.dump(params, f)
