@@ -1,11 +1,6 @@
 """What a run writes and reads back: adapter files (ours and CLIP-LoRA's), results.json and results.jsonl, run
-identity, the all-or-nothing save, and the summaries over seeds.
-
-    python results.py out/                        # a table per configuration, in CLIP-LoRA's layout
-    python results.py out/ --format markdown --plot accuracy.png
-
-Depends on torch and the standard library; nothing here imports train.py.
-"""
+identity, the all-or-nothing save, and the summaries over seeds (python results.py DIR, see main).
+Needs torch and the standard library, not train.py."""
 import argparse
 import contextlib
 import csv
@@ -26,14 +21,14 @@ except ImportError:  # Windows: each save is still all or nothing
 
 import torch
 
-# Every setting that changes a run's result (not the seed, paths, device, workers or printing): what a run folder
-# may only be replaced with (unless --overwrite) and what the summaries group by.
+# Every setting that changes a run's result (not seed, paths, device, workers, printing): what a run folder may only
+# be replaced with (unless --overwrite) and what the summaries group by; dataset and shots first.
 RUN_FIELDS = ("dataset", "shots", "method", "backbone", "r", "alpha", "dropout_rate", "encoder", "params", "position",
               "blocks", "comp_ratio", "lr", "n_iters", "batch_size", "subsample", "precision")
-# What defines an adapted model; dropout only matters in training.
 ADAPTER_FIELDS = ("method", "r", "alpha", "scaling_rule", "blocks", "comp_ratio", "encoder", "position",
-                  "params", "backbone")
+                  "params", "backbone")  # what defines an adapted model; dropout only matters in training
 MAX_RESULTS_BYTES = 16 << 20  # ours are a few KB: a larger results.json is skipped unread
+CHECKPOINT = ".checkpoint.pt"  # a run's checkpoint is run_dir(...) + CHECKPOINT, beside its folder
 
 
 class UserError(Exception):
@@ -41,8 +36,7 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, as every other user mistake (argparse prints its usage block first)."""
+    def error(self, message):  # one line, as every other user mistake (argparse prints its usage block first)
         self.exit(2, f"error: {message} (see --help)\n")
 
 
@@ -65,17 +59,11 @@ def canonical_params(params):
 
 
 # ----------------------------------------------------------------------------- all or nothing
-
 def save(path, content, log=None, before_commit=None):
-    """Write `path` all or nothing. content: write(binary file) for one file, or {name: write} for a folder.
-
-    It is written under a temporary name beside `path` (`.<name>.tmp<pid>`), flushed, fsynced and closed. Then,
-    holding a lock on the log (log = (path, line); concurrent runs take turns), before_commit() may refuse, a folder
-    there is set aside (`.<name>.old<pid>`; files a user added to it come along as hard links), the new one takes its
-    place and the line is appended whole. A reader finds the old set or the new one, never a mix (for an instant
-    between a folder's two renames, none). Any failure, Ctrl-C included, puts back what was there and raises an
-    OSError as a one-line UserError naming the path; a kill leaves leftovers that `recover` resolves.
-    """
+    """Write `path` all or nothing: readers find the old set or the new one, never a mix. content: write(binary file)
+    for a file, {name: write} for a folder, staged as `.<name>.tmp<pid>`. Under the log's lock (log = (path, line)),
+    before_commit() may refuse, a folder there is set aside (`.<name>.old<pid>`), the new set moves in, the line is
+    appended. Any failure or Ctrl-C puts back what was there (OSError: a one-line UserError); `recover` after kills."""
     parent, base = os.path.split(os.path.abspath(path))
     staged, aside = (os.path.join(parent, f".{base}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     created, folder = [], parent  # the parents this save creates, deepest first: removed again on failure
@@ -94,16 +82,16 @@ def save(path, content, log=None, before_commit=None):
                 write_synced(os.path.join(staged, name), write)
             sync_folder(staged)
         current = log[0] if log else path
-        with locked_append(log) as append:
+        with locked_append(log) if log else contextlib.nullcontext():  # appends the line if the block succeeds
             if before_commit:
                 before_commit()
             current = path
-            if os.path.isdir(path) and not callable(content):
-                carry_over(path, staged, content)
+            if os.path.isdir(path) and not callable(content):  # a user's own files stay: hard links, or copies
+                shutil.copytree(path, staged, symlinks=True, dirs_exist_ok=True, copy_function=link,
+                                ignore=lambda at, entries: set(content) if at == path else set())
                 os.replace(path, aside)
             os.replace(staged, path)  # a file replaces atomically; a folder takes the place of the one set aside
             swapped, current = True, log[0] if log else path
-            append()
     except BaseException as error:
         if swapped and os.path.lexists(aside):  # the log refused the line: take the new set back out
             shutil.rmtree(path, ignore_errors=True)
@@ -136,12 +124,6 @@ def remove(path):
         os.remove(path)
 
 
-def carry_over(old, new, names):
-    """Files a user added to a run folder stay in it: hard links into the new set (copies where links fail)."""
-    shutil.copytree(old, new, symlinks=True, dirs_exist_ok=True, copy_function=link,
-                    ignore=lambda folder, entries: set(names) if folder == old else set())
-
-
 def link(source, target):
     try:
         os.link(source, target, follow_symlinks=False)
@@ -150,14 +132,12 @@ def link(source, target):
 
 
 def recover(path):
-    """Leftovers of a save of `path` whose process was killed: a set-aside folder goes back where `path` is
-    missing, the rest is removed; one line says what was done. Saves of running processes are left alone."""
+    """Resolve what killed saves of `path` left: a set-aside folder goes back where `path` is missing, the rest goes."""
     parent, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)(\d+)")
-    found = [m for m in map(pattern.fullmatch, os.listdir(parent) if os.path.isdir(parent) else []) if m]
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    found = [m for m in map(pattern.fullmatch, names) if m and not running(int(m.group(2)))]  # not a live save
     for match in sorted(found, key=lambda m: m.group(1) != "old"):  # set-aside sets first
-        if running(int(match.group(2))):
-            continue
         leftover = os.path.join(parent, match.group(0))
         if match.group(1) == "old" and not os.path.lexists(path):
             os.replace(leftover, path)
@@ -173,37 +153,29 @@ def running(pid):
         return os.name == "nt"
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, another user's
-        pass
+    except OSError as error:  # PermissionError: alive, another user's
+        return not isinstance(error, ProcessLookupError)
     return True
 
 
 @contextlib.contextmanager
 def locked_append(log):
-    """Hold an exclusive lock on the log file (where fcntl exists); yields append(), which writes the line whole
-    (on a line of its own, also after a torn last line) and fsyncs it, or cuts the file back if that fails."""
-    if not log:
-        yield lambda: None
-        return
+    """Lock the log (where fcntl exists) for the block; then append the line whole, fsynced, also after a torn line."""
     path, line = log
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         if fcntl:
             fcntl.flock(fd, fcntl.LOCK_EX)
-
-        def append():
-            size = os.fstat(fd).st_size
-            remaining = ("\n" * (size > 0 and os.pread(fd, 1, size - 1) != b"\n") + line).encode()
-            try:
-                while remaining:
-                    remaining = remaining[os.write(fd, remaining):]
-                os.fsync(fd)
-            except BaseException:
-                os.ftruncate(fd, size)
-                raise
-        yield append
+        yield
+        size = os.fstat(fd).st_size
+        remaining = ("\n" * (size > 0 and os.pread(fd, 1, size - 1) != b"\n") + line).encode()
+        try:
+            while remaining:
+                remaining = remaining[os.write(fd, remaining):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)  # also releases the lock
 
@@ -218,8 +190,7 @@ def sync_folder(folder):
 
 
 def check_writable(path, what, new_file=True):
-    """Before any work, that `path` can be written later, creating nothing: a new file in an existing folder, or
-    (new_file=False) a folder that `save` may create, below an existing folder that takes files."""
+    """Before any work, creating nothing: `path` can be written, as a new file or (new_file=False) a run folder."""
     folder = os.path.dirname(os.path.abspath(path)) if new_file else os.path.abspath(path)
     while not new_file and not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -229,21 +200,15 @@ def check_writable(path, what, new_file=True):
     if not os.path.isdir(folder):
         raise UserError(f"{what} {path}: cannot write ({folder} is a file)")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=folder)
-        os.close(fd)
-        os.remove(probe)
+        tempfile.TemporaryFile(prefix=".write_test", dir=folder).close()
     except OSError as error:
         raise UserError(f"{what} {path}: cannot write in {folder} ({error.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------- run identity
-
 def run_dir(save_path, dataset, method, shots, seed):
-    """Where a run's adapter.pt and results.json live; its checkpoint is `run_dir(...) + CHECKPOINT`, beside it."""
+    """Where a run's adapter.pt and results.json live."""
     return os.path.join(save_path, dataset, method, f"{shots}shots", f"seed{seed}")
-
-
-CHECKPOINT = ".checkpoint.pt"
 
 
 def difference(saved, config, fields):
@@ -253,8 +218,7 @@ def difference(saved, config, fields):
 
 
 def saved_config(folder):
-    """The config of the run saved in `folder`, None if there is none; ValueError if the run is incomplete or its
-    results.json cannot be read."""
+    """The config of the run saved in `folder`; None if none; ValueError if incomplete or results.json is unreadable."""
     present = [os.path.lexists(os.path.join(folder, name)) for name in ("results.json", "adapter.pt")]
     if not any(present):
         return None
@@ -265,8 +229,7 @@ def saved_config(folder):
 
 
 def check_run_identity(folder, config, overwrite, skip_done=False):
-    """Refuse to replace a saved run of another configuration (unless --overwrite); same config: replace, or with
-    skip_done, return True (done)."""
+    """Refuse to replace a saved run of another configuration (unless --overwrite); True: done (same, skip_done)."""
     hint = "choose another --save_path, or pass --overwrite to replace it"
     try:
         saved = saved_config(folder)
@@ -282,8 +245,7 @@ def check_run_identity(folder, config, overwrite, skip_done=False):
 
 
 def read_checkpoint(path, config):
-    """The state saved in a checkpoint of exactly this configuration (`config` with the seed); None (said in one
-    line) if there is none; a UserError naming the first differing setting for another configuration."""
+    """The state in the checkpoint of this exact `config` (with the seed); None if none; else a UserError."""
     if not os.path.isfile(path):
         print(f"no checkpoint {path}: starting from the beginning")
         return None
@@ -291,7 +253,8 @@ def read_checkpoint(path, config):
         state = torch.load(path, map_location="cpu", weights_only=True)
         differing = difference(dict(state["config"]), config, sorted(set(config) | set(state["config"])))
     except Exception as error:
-        raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); delete it to start anew") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); "
+                        "delete it to start anew") from None
     if differing:
         raise UserError(f"{path}: a checkpoint with {differing}; run without --resume to start anew")
     print(f"resuming {path} at iteration {state['iteration']}")
@@ -299,7 +262,6 @@ def read_checkpoint(path, config):
 
 
 # ----------------------------------------------------------------------------------- adapter files
-
 def adapter_file(config, tensors):
     """What an adapter file holds: {"config": adapter config, "state_dict": the lora_ tensors on the CPU}."""
     return {"config": config, "state_dict": {key: value.detach().cpu() for key, value in tensors.items()}}
@@ -311,18 +273,17 @@ def adapter_file(config, tensors):
 # where layer_<i> is the i-th attention module apply_lora adapted: text tower blocks first, then vision blocks,
 # each in block order. Its LinearLoRA is ours: h = W x + b + alpha/sqrt(r) B A dropout(x) (loralib/layers.py).
 CLIP_LORA_NAMES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "proj": "out_proj"}  # theirs: ours
+CLIP_LORA_METADATA = ("r", "alpha", "encoder", "params", "position")  # checked in this order
 
 
 def clip_lora_path(save_path, backbone, dataset, shots, seed, filename="lora_weights"):
-    """Where CLIP-LoRA's save_lora writes: <save_path>/<backbone>/<dataset>/<shots>shots/seed<seed>/<filename>.pt,
-    with the backbone name stripped of '/' and '-' and lower-cased (ViT-B/16 -> vitb16)."""
+    """Where CLIP-LoRA's save_lora writes: <save_path>/vitb16/<dataset>/<shots>shots/seed<seed>/<filename>.pt."""
     folder = backbone.replace("/", "").replace("-", "").lower()
     return os.path.join(save_path, folder, dataset, f"{shots}shots", f"seed{seed}", f"{filename}.pt")
 
 
 def adapter_to_read(given, folder, clip_lora_file):
-    """The adapter file --eval_only/--adapter reads: `given` (--adapter); else ours in the run folder; else the file
-    CLIP-LoRA's code saves for the same flags (--save_path, --backbone, --dataset, --shots, --seed, --filename)."""
+    """The adapter file to evaluate: `given` (--adapter), else ours in the run folder, else CLIP-LoRA's file."""
     ours = os.path.join(folder, "adapter.pt")
     found = given or next((path for path in (ours, clip_lora_file) if os.path.isfile(path)), None)
     if not found:
@@ -334,9 +295,7 @@ def adapter_to_read(given, folder, clip_lora_file):
 
 
 def from_clip_lora(saved, modules):
-    """A loaded CLIP-LoRA file in our terms: (config, tensors, names). modules: our attention modules in the order
-    apply_lora adapts them (layer_<i> is modules[i]). names maps each of our keys to the file's own term, e.g.
-    weights['layer_3']['q_proj']['w_lora_A']; an entry that maps to none of our keys keeps that term as its key."""
+    """A loaded CLIP-LoRA file as (config, tensors, names: our key -> the file's term); layer_<i> is modules[i]."""
     meta, weights = saved.get("metadata"), saved.get("weights")
     config = {"method": "lora", **{f"metadata[{k!r}]": v for k, v in (meta.items() if isinstance(meta, dict) else ())}}
     names = {f"{module}.{ours}.lora_{part}": f"weights['layer_{i}'][{theirs!r}]['w_lora_{part}']"
@@ -353,9 +312,8 @@ def from_clip_lora(saved, modules):
 
 
 def read_adapter(path, config, expected, modules):
-    """The lora_ tensors of an adapter file (ours; or CLIP-LoRA's, translated first), after one strict check against
-    the run: every setting equal to `config`, and exactly the keys and shapes of `expected` ({key: shape}), finite.
-    Anything else is a UserError naming the file and the first difference in the file's own terms."""
+    """The lora_ tensors of an adapter file (ours or CLIP-LoRA's) whose settings equal `config` and whose tensors
+    are finite and exactly `expected` ({key: shape}); else a UserError naming the first difference in its terms."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -363,12 +321,12 @@ def read_adapter(path, config, expected, modules):
         raise UserError(f"{path}: cannot be read as an adapter file ({reason})") from None
     if isinstance(saved, dict) and ("weights" in saved or "metadata" in saved):  # the official code's file
         saved_config, tensors, names = from_clip_lora(saved, modules)
-        fields = [("method", "method")] + [(f"metadata[{f!r}]", f) for f in ("r", "alpha", "encoder", "params", "position")]
+        fields = [("method", "method")] + [(f"metadata[{f!r}]", f) for f in CLIP_LORA_METADATA]
         extra = [key for key in saved if key not in ("weights", "metadata")] + [
             key for key in saved_config if key not in dict(fields)]
         if extra:
             raise UserError(f"{path}: CLIP-LoRA adapter file: {extra[0]} is not a field of this format")
-    elif isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict):
+    elif isinstance(saved, dict) and all(isinstance(saved.get(key), dict) for key in ("config", "state_dict")):
         saved_config, tensors, names = saved["config"], saved["state_dict"], {}
         fields = [(f"adapter {field}", field) for field in ADAPTER_FIELDS]
     else:
@@ -400,16 +358,12 @@ def read_adapter(path, config, expected, modules):
 # ------------------------------------------------------------------------------- summary
 # Named above a lone configuration's table; with several configurations, the settings that differ are named.
 KEY_SETTINGS = ("backbone", "r", "alpha", "encoder", "params", "position", "blocks", "comp_ratio")
-# CLIP-LoRA's datasets with the names and in the order of its paper's tables (arXiv 2405.18541, as issue #13
-# lists them); other datasets follow, sorted by name.
+# CLIP-LoRA's datasets, named and ordered as its paper's tables (arXiv 2405.18541; issue #13); others follow by name.
 PAPER_DATASETS = {"imagenet": "ImageNet", "sun397": "SUN397", "fgvc": "Aircraft", "eurosat": "EuroSAT",
                   "stanford_cars": "Cars", "food101": "Food101", "oxford_pets": "Pets", "oxford_flowers": "Flowers",
                   "caltech101": "Caltech101", "dtd": "DTD", "ucf101": "UCF101"}
 FORMATS = ("text", "markdown", "csv")
-
-
-def skipped(path, reason):
-    print(f"skipped {path}: {reason}", file=sys.stderr)
+MARKDOWN_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "*": "\\*"})
 
 
 def read_result(path):
@@ -420,7 +374,7 @@ def read_result(path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        result = json.loads(text) if text.strip() else ValueError("empty file")
+        result = json.loads(text) if text.strip() else None
     except OSError as error:
         raise ValueError(f"cannot read ({error.strerror})") from None
     except UnicodeDecodeError:
@@ -428,17 +382,17 @@ def read_result(path):
     except (ValueError, RecursionError) as error:
         raise ValueError(f"not valid JSON ({error})") from None
     if not isinstance(result, dict):
-        raise result if isinstance(result, ValueError) else ValueError(
-            f"holds a JSON {type(result).__name__}, expected an object")
+        raise ValueError(f"holds a JSON {type(result).__name__}, expected an object" if text.strip() else
+                         "empty file")
     config, args, accuracy = result.get("config"), result.get("args"), result.get("accuracy")
     if not isinstance(config, dict):
         raise ValueError("lacks 'config', the run's settings" if config is None else "'config' is not an object")
     missing = [field for field in RUN_FIELDS if field not in config]
     if missing:
         raise ValueError(f"config lacks {missing[0]!r}")
-    if not isinstance(config["dataset"], str) or not config["dataset"] or not is_int(config["shots"]) or config["shots"] < 1:
-        raise ValueError(f"config has dataset {config['dataset']!r} and shots {config['shots']!r}, expected "
-                         "a name and a positive integer")
+    name, shots = config["dataset"], config["shots"]
+    if not (isinstance(name, str) and name and is_int(shots) and shots > 0):
+        raise ValueError(f"config has dataset {name!r} and shots {shots!r}, expected a name and a positive integer")
     if not isinstance(args, dict) or not is_int(args.get("seed")):
         raise ValueError("args['seed'] is missing or not an integer")
     if not is_number(accuracy):
@@ -447,13 +401,12 @@ def read_result(path):
 
 
 def read_results(directory):
-    """[(path, config, seed, accuracy)] of the results.json files under `directory`; each file that cannot be
-    read or lacks a field is named on stderr and skipped. A (configuration, seed) found twice (e.g. in a copied
-    folder) counts once: the first path in sorted order is kept, the others are named, so no mean repeats a run."""
+    """[(path, config, seed, accuracy)] of the results.json under `directory`; unreadable ones and repeats: skipped."""
     if not os.path.isdir(directory):
         raise UserError(f"--summarize {directory}: not a folder")
-    found, records, first = 0, [], {}
-    walk = os.walk(directory, onerror=lambda error: skipped(error.filename, f"cannot list ({error.strerror})"))
+    found, first = 0, {}  # (configuration, seed): its first record in sorted order, so no mean repeats a run
+    walk = os.walk(directory, onerror=lambda error: print(f"skipped {error.filename}: cannot list ({error.strerror})",
+                                                          file=sys.stderr))
     for folder, subfolders, files in walk:
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))  # hidden: a save under way
         if "results.json" not in files:
@@ -462,17 +415,14 @@ def read_results(directory):
         path = os.path.join(folder, "results.json")
         try:
             config, seed, accuracy = read_result(path)
-        except ValueError as reason:
-            skipped(path, reason)
-            continue
-        run_key = (json.dumps(config, sort_keys=True), seed)
-        if run_key in first:
-            earlier, earlier_accuracy = first[run_key]
-            other = "" if accuracy == earlier_accuracy else f" (accuracy {accuracy} here, {earlier_accuracy} there)"
-            skipped(path, f"same configuration and seed {seed} as {earlier}{other}; counted once")
-            continue
-        first[run_key] = (path, accuracy)
-        records.append((path, config, seed, accuracy))
+            earlier, _, _, earlier_accuracy = first.setdefault((json.dumps(config, sort_keys=True), seed),
+                                                               (path, config, seed, accuracy))
+            if earlier != path:
+                other = "" if accuracy == earlier_accuracy else f" (accuracy {accuracy} here, {earlier_accuracy} there)"
+                raise ValueError(f"same configuration and seed {seed} as {earlier}{other}; counted once")
+        except ValueError as reason:  # named on stderr
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+    records = list(first.values())
     if not records:
         raise UserError(f"{directory}: no results.json found" if not found else
                         f"{directory}: none of its {found} results.json files could be read (each is named above)")
@@ -494,15 +444,12 @@ def summary_groups(records):
         group = groups.setdefault(json.dumps(settings, sort_keys=True), {"settings": settings, "cells": {}})
         group["cells"].setdefault((config["dataset"], config["shots"]), {})[seed] = accuracy
     groups = list(groups.values())
-    known = [f for f in RUN_FIELDS if f not in ("dataset", "shots")]
-    fields = known + sorted({k for g in groups for k in g["settings"]} - set(known))
+    fields = list(RUN_FIELDS[2:]) + sorted({k for g in groups for k in g["settings"]} - set(RUN_FIELDS))
     differing = [f for f in fields if len({json.dumps(g["settings"].get(f), sort_keys=True) for g in groups}) > 1]
     shown = differing if len(groups) > 1 else [f for f in KEY_SETTINGS if groups[0]["settings"].get(f) is not None]
-
-    def natural(value):  # numbers by value (r=4 before r=16), anything else by its JSON text
-        return (0, value, "") if is_number(value) else (1, 0, json.dumps(value, sort_keys=True))
-
-    groups.sort(key=lambda g: [natural(g["settings"].get(f)) for f in differing])
+    # sorted by the differing settings: numbers by value (r=4 before r=16), anything else by its JSON text
+    groups.sort(key=lambda g: [(0, v, "") if is_number(v) else (1, 0, json.dumps(v, sort_keys=True))
+                               for v in map(g["settings"].get, differing)])
     for g in groups:
         g["fields"] = fields
         g["label"] = " ".join([setting_text(g["settings"].get("method"))] + [
@@ -515,19 +462,15 @@ def dataset_order(dataset):
 
 
 def group_table(group):
-    """(shot counts, rows [(dataset, {shots: (mean, std, seeds)})] in CLIP-LoRA's order, average
-    {shots: (mean of the dataset means, datasets missing at these shots)}); std: sample std, 0 for one seed."""
+    """(shots, [(dataset, {shots: (mean, std, seeds)})] in CLIP-LoRA's order, {shots: (mean of means, missing)})."""
     cells = group["cells"]
     shots = sorted({s for _, s in cells})
-    rows = []
-    for dataset in sorted({d for d, _ in cells}, key=dataset_order):
-        stats = {}
-        for s in shots:
-            if (dataset, s) in cells:
-                values = list(cells[dataset, s].values())
-                stats[s] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
-                            sorted(cells[dataset, s]))
-        rows.append((dataset, stats))
+    rows = [(dataset, {s: cells[dataset, s] for s in shots if (dataset, s) in cells})
+            for dataset in sorted({d for d, _ in cells}, key=dataset_order)]
+    for _, stats in rows:
+        for s, seeds in stats.items():  # {seed: accuracy} -> (mean, std, seeds)
+            values = list(seeds.values())
+            stats[s] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, sorted(seeds))
     average = {s: (statistics.mean(stats[s][0] for _, stats in rows if s in stats),
                    [dataset for dataset, stats in rows if s not in stats]) for s in shots}
     return shots, rows, average
@@ -535,26 +478,32 @@ def group_table(group):
 
 def format_summary(groups, fmt):
     """The tables as aligned text, Markdown pipe tables, or CSV (one row per configuration, dataset and shots)."""
-    if fmt == "csv":
-        return summary_csv(groups)
+    if fmt == "csv":  # mean, std, number and list of seeds, then every setting
+        fields = groups[0]["fields"]
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["configuration", "dataset", "shots", "mean", "std", "seeds", "seed_list", *fields])
+        for number, group in enumerate(groups, 1):
+            settings = [setting_text(group["settings"].get(f), none="") for f in fields]
+            for dataset, stats in group_table(group)[1]:
+                for s, (mean, std, seeds) in stats.items():  # in shot order
+                    writer.writerow([number, dataset, s, mean, std, len(seeds), " ".join(map(str, seeds)), *settings])
+        return out.getvalue().rstrip("\n")
     markdown = fmt == "markdown"
+    star = "\\*" if markdown else "*"
     blocks = []
     for number, group in enumerate(groups, 1):
         shots, rows, average = group_table(group)
-        star = "\\*" if markdown else "*"
-        table = [["dataset"] + [f"{s}-shot" for s in shots]]
-        for dataset, stats in rows:
-            table.append([PAPER_DATASETS.get(dataset, dataset)] + [
-                f"{stats[s][0]:.2f} ± {stats[s][1]:.2f} ({len(stats[s][2])})" if s in stats else "-" for s in shots])
+        table = [["dataset"] + [f"{s}-shot" for s in shots]] + [[PAPER_DATASETS.get(dataset, dataset)] + [
+            f"{stats[s][0]:.2f} ± {stats[s][1]:.2f} ({len(stats[s][2])})" if s in stats else "-" for s in shots]
+            for dataset, stats in rows]
         table.append(["Average"] + [f"{average[s][0]:.2f}{star if average[s][1] else ''}" for s in shots])
         notes = [f"{star} {s}-shot: average over {len(rows) - len(average[s][1])} of {len(rows)} datasets, without "
                  f"{', '.join(PAPER_DATASETS.get(d, d) for d in average[s][1])}" for s in shots if average[s][1]]
         heading = f"configuration {number}/{len(groups)}: {group['label']}"
         if markdown:
-            def escape(text):
-                return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
-            lines = [f"**{escape(heading)}**", ""]
-            lines += ["| " + " | ".join([escape(row[0])] + row[1:]) + " |" for row in table]
+            lines = [f"**{heading.translate(MARKDOWN_ESCAPES)}**", ""]
+            lines += ["| " + " | ".join([row[0].translate(MARKDOWN_ESCAPES)] + row[1:]) + " |" for row in table]
             lines.insert(3, "|:---|" + "---:|" * len(shots))
             lines += [""] + notes if notes else []
         else:
@@ -565,29 +514,9 @@ def format_summary(groups, fmt):
     return "\n\n".join(blocks)
 
 
-def summary_csv(groups):
-    """One row per (configuration, dataset, shots): mean, std, number and list of seeds, then every setting."""
-    fields = groups[0]["fields"]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["configuration", "dataset", "shots", "mean", "std", "seeds", "seed_list", *fields])
-    for number, group in enumerate(groups, 1):
-        shots, rows, _ = group_table(group)
-        settings = [setting_text(group["settings"].get(f), none="") for f in fields]
-        for dataset, stats in rows:
-            for s in shots:
-                if s in stats:
-                    mean, std, seeds = stats[s]
-                    writer.writerow([number, dataset, s, mean, std, len(seeds), " ".join(map(str, seeds)), *settings])
-    return out.getvalue().rstrip("\n")
-
-
 def plot_summary(groups, path):
-    """Accuracy against shots as CLIP-LoRA's figure few_shot.png: a panel per dataset and one for the average,
-    a line per configuration. matplotlib is an optional extra, imported here only; the PNG appears whole or not
-    at all."""
+    """Accuracy against shots as CLIP-LoRA's few_shot.png: a panel per dataset and for the average; needs matplotlib."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
@@ -595,24 +524,21 @@ def plot_summary(groups, path):
     datasets = sorted({d for _, rows, _ in tables for d, _ in rows}, key=dataset_order)
     titles = [PAPER_DATASETS.get(d, d) for d in datasets] + ["Average"]
     cells = len(titles) + 1  # one cell more for the legend, as in few_shot.png
-    grid_rows = -(-cells // min(5, cells))
-    columns = -(-cells // grid_rows)  # at most 5 columns, as few rows as that allows, the rows filled evenly
+    grid_rows = -(-cells // 5)  # at most 5 columns: as few rows as that allows, the rows filled evenly
+    columns = -(-cells // grid_rows)
     figure = Figure(figsize=(3.2 * columns, 2.6 * grid_rows))
-    FigureCanvasAgg(figure)
     axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
-    incomplete = False
     for index, (group, (shots, rows, average)) in enumerate(zip(groups, tables)):
         style = dict(color=f"C{index % 10}", marker="o", markersize=3)
         for dataset, stats in rows:
-            x = [s for s in shots if s in stats]
-            axes[datasets.index(dataset)].errorbar(x, [stats[s][0] for s in x], yerr=[stats[s][1] for s in x],
-                                                   capsize=2, **style)
+            axes[datasets.index(dataset)].errorbar(list(stats), [v[0] for v in stats.values()],
+                                                   yerr=[v[1] for v in stats.values()], capsize=2, **style)
         ax = axes[len(datasets)]
         ax.plot(shots, [average[s][0] for s in shots], label=group["label"], **style)
         partial = [s for s in shots if average[s][1]]  # hollow: the average misses some dataset there
         ax.plot(partial, [average[s][0] for s in partial], linestyle="none", markerfacecolor="white", **style)
-        incomplete = incomplete or bool(partial)
     all_shots = sorted({s for shots, _, _ in tables for s in shots})
+    incomplete = any(missing for _, _, average in tables for _, missing in average.values())
     for index, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_title(title + (" (hollow: incomplete)" if title == "Average" and incomplete else ""), fontsize=10)
         ax.set_xticks(all_shots)
@@ -631,9 +557,9 @@ def summarize(directory, fmt="text", plot=None):
     seeds, an Average row) from the results.json files under `directory` (never from logs); `plot`: a PNG too."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if plot is not None and not plot.lower().endswith(".png"):
-        raise UserError(f"--plot {plot}: expected a file name ending in .png")
     if plot is not None:
+        if not plot.lower().endswith(".png"):
+            raise UserError(f"--plot {plot}: expected a file name ending in .png")
         check_writable(plot, "--plot")
     groups = summary_groups(read_results(directory))
     if plot is not None:
@@ -651,8 +577,7 @@ def main(argv=None):
     try:
         print(summarize(args.directory, args.format, args.plot))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        p.exit(1, f"error: {error}\n")
 
 
 if __name__ == "__main__":
