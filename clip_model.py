@@ -508,8 +508,8 @@ def tokenize(texts, context_length=77, truncate=False):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(f"text {text[:40]!r}... has {len(ids)} tokens, more than the context length "
-                                 f"{context_length}; shorten it or pass truncate=True")
+                raise ValueError(f"{text[:60]!r}... has {len(ids)} tokens, more than the context length "
+                                 f"{context_length}")  # truncate=True cuts it instead
             ids = ids[:context_length - 1] + [tok.eot]
         result[row, :len(ids)] = torch.tensor(ids)
     return result

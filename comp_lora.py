@@ -1,6 +1,5 @@
 """LoRA (as CLIP-LoRA) and Comp-LoRA layers around a frozen nn.Linear, and the functions that put them into a
 model (OpenAI CLIP, open_clip, Hugging Face's CLIPModel, ...) and take them out. Depends on torch alone.
-
 LoRA:      Zanella & Ben Ayed, "Low-Rank Few-Shot Adaptation of Vision-Language Models", CVPRW 2024
            (arXiv 2405.18541), official code MaxZanella/CLIP-LoRA, loralib/layers.py (LinearLoRA).
 Comp-LoRA: arXiv 2501.15040: the update lives in the complement of the weight's top singular directions.
@@ -130,10 +129,11 @@ class CompLoRALinear(LoRALinear):
     """
 
     def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, comp_ratio=0.5, name=None):
-        if not 0 <= comp_ratio < 1:
-            raise ValueError(f"{name + ': ' if name else ''}comp_ratio={comp_ratio}: expected a number in [0, 1)")
-        # set first: LoRALinear.__init__ sizes the factors with adapter_dims
-        self.comp_ratio, self.k = comp_ratio, round(comp_ratio * min(base.out_features, base.in_features))
+        width = min(base.out_features, base.in_features)  # k is set first: LoRALinear.__init__ calls adapter_dims
+        self.comp_ratio, self.k = comp_ratio, round(comp_ratio * width) if 0 <= comp_ratio < 1 else width
+        if self.k == width:  # k = width would leave no direction to train
+            raise ValueError(f"{name + ': ' if name else ''}comp_ratio={comp_ratio}: expected a number in [0, 1) that "
+                             f"leaves a direction to train, at most {(width - 1) / width} for width {width}")
         super().__init__(base, r, alpha, dropout, name)
         p_out, p_in = _complement_bases(base.weight, self.k)
         # fixed, recomputed from W at wrap time (deterministic, see _complement_bases), so not saved

@@ -364,6 +364,18 @@ def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", te
     return FewShotData(name, list(classnames), ["a photo of a {}."], spec.zeroshot_template, *map(list, splits))
 
 
+def build_datasets(name, test_names, root, shots, seed, subsample="all", demo_root="synthetic_data"):
+    """A run's datasets, all under one data root: (dataset, its new classes or None, {name: test-only dataset}).
+    The demo's name "synthetic" is EuroSAT's layout in the folder write_synthetic makes (`root`, else `demo_root`)."""
+    if name == "synthetic":
+        root = write_synthetic(root or demo_root)
+    real = {"synthetic": "eurosat"}
+    dataset = build_dataset(real.get(name, name), root, shots, seed, subsample)
+    novel = build_dataset(real.get(name, name), root, shots, seed, "new") if subsample == "base" else None
+    return dataset, novel, {test: build_dataset(real.get(test, test), root, shots, seed, flag="--eval_datasets",
+                                                test_only=True) for test in test_names}
+
+
 # -------------------------------------------------------------------------------- images and loaders
 
 def train_transform(size):

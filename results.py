@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import statistics
@@ -259,6 +260,28 @@ def read_checkpoint(path, config):
         raise UserError(f"{path}: a checkpoint with {differing}; run without --resume to start anew")
     print(f"resuming {path} at iteration {state['iteration']}")
     return state
+
+
+def write_checkpoint(path, config, progress, lora, parts):
+    """What continues a run exactly: `config` (with the seed), `progress` ({"iteration": ...}), its lora_ tensors, the
+    states of `parts` ({"optimizer": AdamW, ...}) and of every random stream training draws from (torch's, CUDA's,
+    Python's), as CPU tensors (a file that loads anywhere), written all or nothing."""
+    state = {"config": config, **progress, "lora": lora, **{name: part.state_dict() for name, part in parts.items()},
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
+    state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # a copy: the
+                                   for index, moments in state["optimizer"]["state"].items()}  # optimizer's stay
+    save(path, lambda f: torch.save(state, f))
+
+
+def restore_checkpoint(state, parts):
+    """Put `parts` and the random streams back as `write_checkpoint` saved them."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 # ----------------------------------------------------------------------------------- adapter files

@@ -1977,8 +1977,8 @@ class TestCommandLine(unittest.TestCase):
             (dataset("corrupted_test"), "(SyntaxError: broken PNG file"),
             (dataset("truncated_train"), f"cannot read image {t}/truncated_train/eurosat/2750/"),
             (dataset("corrupted_train") + ["--workers", "1"], "(SyntaxError: broken PNG file"),
-            (["--method", "block", "--blocks", "7"], "--blocks 7: visual.transformer.resblocks.0.attn.q_proj has 128 "
-                                                      "inputs, not divisible by 7"),
+            (["--method", "block", "--blocks", "7"], "--blocks 7: visual.transformer.resblocks.0.attn.q_proj: input size "
+                                                      "128 is not divisible by blocks=7"),
             (["--save_path", os.path.join(t, "afile", "out")],
              f"output directory {t}/afile/out/eurosat/lora/4shots/seed1: cannot write ({t}/afile is a file)"),
             (["--save_path", os.path.join(t, "saved"), "--r", "4"], "seed1 holds a run with r 2, this run has r 4; "
@@ -1995,8 +1995,8 @@ class TestCommandLine(unittest.TestCase):
             (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: is a folder"),
             (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
             (["--method", "comp", "--comp_ratio", "0.999"], "--comp_ratio 0.999: visual.transformer.resblocks.0.attn."
-                                                            "q_proj would keep no direction to train (k = 128 of 128); "
-                                                            "at most 0.9921875"),
+                                                            "q_proj: comp_ratio=0.999: expected a number in [0, 1) that "
+                                                            "leaves a direction to train, at most 0.9921875 for width 128"),
             (["--save_path", os.path.join(t, "saved"), "--eval_only", "--export_merged",
               os.path.join(t, "saved", "eurosat", "lora", "4shots", "seed1", "adapter.pt")],
              "/seed1/adapter.pt, which --save_path names; choose another file"),

@@ -1,13 +1,11 @@
-"""Few-shot training and evaluation of CLIP with LoRA, Comp-LoRA or Block-LoRA, in the order a run happens:
-flags and their checks, adapters on the model, the training loop, evaluation, and `run()`.
+"""Few-shot training and evaluation of CLIP with LoRA, Comp-LoRA or Block-LoRA, in the order a run happens: flags and
+their checks, adapters on the model, evaluation, the training loop, and `run()`. What a run writes and reads back
+(adapter files, results, checkpoints, summaries) is in results.py.
 
     python train.py --method comp --dataset eurosat --shots 4 --root /data
-    python train.py --dataset synthetic --backbone tiny --shots 4 --n_iters 10 --device cpu    # offline demo
-    python results.py out/                                                                   # tables over seeds
 
-Flags and defaults are those of the official CLIP-LoRA code (MaxZanella/CLIP-LoRA, run_utils.py and lora.py),
-so its results are reproduced by default and its users only change the script name. What a run writes and
-reads back (adapter files, results, saves, summaries) is in results.py.
+Flags and defaults are those of the official CLIP-LoRA code (MaxZanella/CLIP-LoRA, run_utils.py and lora.py), so
+its results are reproduced by default and its users only change the script name.
 """
 import argparse
 import itertools
@@ -62,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_only", action="store_true", help="evaluate this configuration's saved adapter")
     p.add_argument("--adapter", default="", metavar="FILE", help="evaluate this adapter file, like --eval_only")
     p.add_argument("--filename", default="lora_weights", help="CLIP-LoRA's adapter file name, without .pt")
-    p.add_argument("--eval_datasets", default="", help="comma-separated datasets for zero-shot retention")
+    p.add_argument("--eval_datasets", default="", type=lambda names: [name for name in names.split(",") if name],
+                   help="comma-separated datasets for zero-shot retention")
     p.add_argument("--subsample", default="all", choices=["all", "base"], help="base: base-to-novel protocol")
     p.add_argument("--export_merged", default="", metavar="FILE", help="also write CLIP with the adapters merged")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +96,7 @@ def check_args(args):
     """Every flag and cheap precondition, before any download, data pass or folder creation; returns the device."""
     if args.method not in METHODS:
         raise UserError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    for flag, name in [("dataset", args.dataset)] + [("eval_datasets", name) for name in eval_datasets(args)]:
+    for flag, name in [("dataset", args.dataset)] + [("eval_datasets", name) for name in args.eval_datasets]:
         if name not in data.DATASETS and name != "synthetic":
             raise UserError(f"--{flag} {name!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
     if data.DATASETS.get(args.dataset) and data.DATASETS[args.dataset].eval_only:
@@ -138,10 +137,6 @@ def check_args(args):
     return check_device(args.device)
 
 
-def eval_datasets(args):
-    return list(filter(None, args.eval_datasets.split(",")))
-
-
 # --------------------------------------------------------------------------------- adapters
 
 def adapter_config(args):
@@ -154,11 +149,15 @@ def adapter_config(args):
 
 
 def add_adapters(model, config):
-    """Wrap the configured attention projections with the configured adapter, freeze the rest; returns the layers."""
-    method = {"comp": {"comp_ratio": config["comp_ratio"]}, "block": {"blocks": config["blocks"]}}
-    names = clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
-    comp_lora.add_adapters(model, METHODS[config["method"]], names, r=config["r"], alpha=config["alpha"],
-                           dropout=config["dropout"], **method.get(config["method"], {}))
+    """Wrap the configured attention projections with the configured adapter, freeze the rest; returns the layers.
+    Flags that do not fit the model's widths (--blocks, --comp_ratio) or depth (--position) are one UserError."""
+    method = {"comp": "comp_ratio", "block": "blocks"}.get(config["method"])
+    try:
+        names = clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
+        comp_lora.add_adapters(model, METHODS[config["method"]], names, r=config["r"], alpha=config["alpha"],
+                               dropout=config["dropout"], **({method: config[method]} if method else {}))
+    except ValueError as error:
+        raise UserError(f"--{method} {config[method]}: {error}" if method else str(error)) from None
     comp_lora.mark_only_lora_as_trainable(model)
     return [model.get_submodule(name) for name in names]
 
@@ -183,13 +182,10 @@ def load_adapters(path, model, config):
 
 def class_prompts(classnames, template):
     """CLIP-LoRA's prompts: the template filled with each class name, underscores as spaces (lora.py)."""
-    prompts = [template.format(name.replace("_", " ")) for name in classnames]
     try:
-        return clip_model.tokenize(prompts)
-    except ValueError:  # tokenize refuses texts over the context length rather than cutting them
-        long = next(p for p in prompts if len(clip_model._tokenizer().encode(p)) > 75)  # + start and end tokens
-        raise UserError(f"class prompt {long[:60]!r}... has more than CLIP's 77 tokens; shorten that class "
-                        "name") from None
+        return clip_model.tokenize([template.format(name.replace("_", " ")) for name in classnames])
+    except ValueError as error:  # tokenize refuses a text over the context length rather than cutting it
+        raise UserError(f"class prompt {error}; shorten that class name") from None
 
 
 TEXT_CHECKPOINT_POSITIONS = 4096  # --text_checkpoint auto: our threshold, from bench.py --imagenet (README, Cost)
@@ -257,16 +253,11 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
                               shuffle=True, workers=args.workers, seed=args.seed, pin_memory=device.type == "cuda")
-    iteration, skipped = 0, 0
+    parts, iteration, skipped = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, 0, 0
     if resume:
-        model.load_state_dict(resume["lora"], strict=False)
-        for part, state in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
-            part.load_state_dict(resume[state])
+        comp_lora.load_lora_state_dict(model, resume["lora"])
+        results.restore_checkpoint(resume, parts)
         iteration, skipped = resume["iteration"], resume["skipped"]
-        torch.set_rng_state(resume["rng"]["torch"])  # dropout masks
-        random.setstate(resume["rng"]["python"])
-        if resume["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         # the batches already trained: whole passes, then the first batches of this pass (data.PassSampler)
         loader.sampler.passes, batches = divmod(iteration, len(loader))
         loader.sampler.skip = batches * args.batch_size
@@ -275,16 +266,6 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     if args.encoder == "vision":  # the text tower is frozen: its features never change
         with torch.no_grad():
             fixed_text = text_features(model, tokens, device, precision)
-
-    def save_checkpoint():
-        state = {"config": dict(identity, seed=args.seed), "iteration": iteration, "skipped": skipped,
-                 "lora": comp_lora.lora_state_dict(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),  # every stream training uses
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
-        state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # CPU tensors:
-                                       for index, moments in state["optimizer"]["state"].items()}  # load anywhere
-        results.save(run_dir(args) + results.CHECKPOINT, lambda f: torch.save(state, f))
 
     window = {"loss": 0.0, "correct": 0, "seen": 0, "iterations": 0}
     start = last_print = time.time()
@@ -314,7 +295,8 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
             iteration += 1
             if STOP["signal"] or (args.checkpoint_every and iteration % args.checkpoint_every == 0 < total - iteration):
                 if args.checkpoint_every:
-                    save_checkpoint()
+                    results.write_checkpoint(run_dir(args) + results.CHECKPOINT, dict(identity, seed=args.seed), {
+                        "iteration": iteration, "skipped": skipped}, comp_lora.lora_state_dict(model), parts)
                 if STOP["signal"]:
                     kept = "continue with --resume" if args.checkpoint_every else "no checkpoint (--checkpoint_every 0)"
                     raise Stopped(STOP["signal"], f"at iteration {iteration}/{total}; {kept}")
@@ -354,40 +336,9 @@ def run_config(args, device):
     return config
 
 
-def load_datasets(args):
-    """(dataset, its new classes or None, {name: eval dataset}), all under one data root. The offline demo
-    (--dataset synthetic) writes EuroSAT's and imagefolder's layouts into a folder of its own and reads them there."""
-    root = data.write_synthetic(args.root or os.path.join(args.save_path, "synthetic_data")) \
-        if args.dataset == "synthetic" else args.root
-    name = "eurosat" if args.dataset == "synthetic" else args.dataset
-    dataset = data.build_dataset(name, root, args.shots, args.seed, args.subsample)
-    novel = data.build_dataset(name, root, args.shots, args.seed, "new") if args.subsample == "base" else None
-    others = {other: data.build_dataset("eurosat" if other == "synthetic" else other, root, args.shots, args.seed,
-                                        flag="--eval_datasets", test_only=True) for other in eval_datasets(args)}
-    return dataset, novel, others
-
-
 def clip_lora_file(args):
     return results.clip_lora_path(args.save_path, clip_model.model_name(args.backbone), args.dataset, args.shots,
                                   args.seed, args.filename)
-
-
-def check_fits(model, config):
-    """Flags that depend on the model's widths, checked right after loading it and before any data pass."""
-    try:
-        names = clip_model.adapter_names(model, config["encoder"], config["position"], config["params"])
-    except ValueError as error:  # a position that selects no block of this model
-        raise UserError(str(error)) from None
-    layers = {name: model.get_submodule(name) for name in names}
-    for name, linear in layers.items():
-        if config["method"] == "block" and linear.in_features % config["blocks"]:
-            raise UserError(f"--blocks {config['blocks']}: {name} has {linear.in_features} inputs, not divisible "
-                            f"by {config['blocks']} (Block-LoRA splits the input into equal chunks)")
-    name = min(layers, key=lambda name: min(layers[name].weight.shape))  # Comp-LoRA's k, round(comp_ratio * width),
-    width = min(layers[name].weight.shape)  # leaves no direction to train first in the narrowest layer
-    if config["method"] == "comp" and round(config["comp_ratio"] * width) >= width:
-        raise UserError(f"--comp_ratio {config['comp_ratio']}: {name} would keep no direction to train (k = "
-                        f"{width} of {width}); at most {(width - 1) / width} for a layer of this width")
 
 
 def run(args):
@@ -396,26 +347,27 @@ def run(args):
     evaluate_only = args.eval_only or bool(args.adapter)
     config, identity, out = adapter_config(args), run_config(args, device), run_dir(args)
     adapter_path = results.adapter_to_read(args.adapter, out, clip_lora_file(args)) if evaluate_only else None
-    resume = None
     if not evaluate_only:
         results.check_writable(out, "output directory", new_file=False)
         results.recover(out)
         if results.check_run_identity(out, identity, args.overwrite, args.skip_done):
             print(f"done: {out}")
             return None
-    if args.resume and not evaluate_only:
-        resume = results.read_checkpoint(out + results.CHECKPOINT, dict(identity, seed=args.seed))
+    resume = args.resume and not evaluate_only and results.read_checkpoint(out + results.CHECKPOINT,
+                                                                            dict(identity, seed=args.seed))
     # What a seed fixes: the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset),
     # and our own training randomness: lora_A's initialisation and the dropout masks (torch's global stream,
     # seeded here; nothing else draws from it), shuffling and crops (generators seeded per pass and sample,
     # data.make_loader). It does not replay the official code's streams for those (CLIP-LoRA run_utils.py).
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    dataset, novel, others = load_datasets(args)  # reads split files and lists images: cheap
+    dataset, novel, others = data.build_datasets(args.dataset, args.eval_datasets, args.root, args.shots, args.seed,
+                                                 args.subsample, os.path.join(args.save_path, "synthetic_data"))
     model, preprocess = clip_model.load(args.backbone, device=device)
-    check_fits(model, config)
+    layers = add_adapters(model, config)  # lora_B = 0: until trained, the outputs are exactly the plain model's
     print(f"{args.dataset}: {len(dataset.classnames)} classes, {len(dataset.train)} training images "
           f"({args.shots} shots), {len(dataset.test)} test images; device {device}")
+    print(parameter_line(model))
 
     template = dataset.template[0]
     test_cache = image_features(model, test_loader(dataset, preprocess, args), device, args.precision)
@@ -424,8 +376,6 @@ def run(args):
     plain_others = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
                     for name, ds in others.items()}
 
-    layers = add_adapters(model, config)
-    print(parameter_line(model))
     seconds = 0.0
     if evaluate_only:
         load_adapters(adapter_path, model, config)
