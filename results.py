@@ -218,31 +218,23 @@ def difference(saved, config, fields):
     return field and f"{field} {saved.get(field)!r}, this run has {field} {config.get(field)!r}"
 
 
-def saved_config(folder):
-    """The config of the run saved in `folder`; None if none; ValueError if incomplete or results.json is unreadable."""
-    present = [os.path.lexists(os.path.join(folder, name)) for name in ("results.json", "adapter.pt")]
-    if not any(present):
-        return None
-    if not all(present):
-        raise ValueError("incomplete")
-    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
-        return dict(json.load(f)["config"])
-
-
 def check_run_identity(folder, config, overwrite, skip_done=False):
     """Refuse to replace a saved run of another configuration (unless --overwrite); True: done (same, skip_done)."""
     hint = "choose another --save_path, or pass --overwrite to replace it"
+    files = [os.path.join(folder, name) for name in ("results.json", "adapter.pt")]
+    if not any(map(os.path.lexists, files)):
+        return False
     try:
-        saved = saved_config(folder)
+        with open(files[0], encoding="utf-8") as f:
+            differing = difference(dict(json.load(f)["config"]), config, RUN_FIELDS)
     except (OSError, ValueError, KeyError, TypeError):
         if overwrite:
             return False
         raise UserError(f"{folder} holds a run whose results.json is missing, unreadable or from an older "
                         f"version; {hint}") from None
-    differing = saved and difference(saved, config, RUN_FIELDS)
     if differing and not overwrite:
         raise UserError(f"{folder} holds a run with {differing}; {hint}")
-    return skip_done and saved == config
+    return skip_done and not differing and os.path.isfile(files[1])
 
 
 def read_checkpoint(path, config):
