@@ -208,6 +208,8 @@ def _list_images(directory, folders, train_dir=None):
     a class folder that exists must hold images. With `train_dir`, a class folder that train lacks is a mistake."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # here: importing torchvision takes 1.5 s
     label_of = {folder: label for label, folder in enumerate(folders)}
+    if not label_of:  # torchvision would raise its own ValueError
+        raise DataError(f"folder {directory} holds no class folders")
     unknown = [folder for folder in _class_folders(directory) if folder not in label_of] if train_dir else []
     if unknown:
         raise DataError(f"class folder {os.path.join(directory, unknown[0])} has no counterpart in {train_dir}")

@@ -1110,6 +1110,13 @@ class TestData(unittest.TestCase):
 
     # ------------------------------------------------------------------ user mistakes
 
+    def test_a_folder_without_class_folders_is_one_line(self):
+        root = os.path.join(self.tmp, "noclasses")
+        for part in ("train", "val"):
+            os.makedirs(os.path.join(root, "imagenet", part))
+        self.assertDataError(f"--dataset imagenet: folder {root}/imagenet/train holds no class folders",
+                             data.build_dataset, "imagenet", root, 1, 1)
+
     def assertDataError(self, substring, call, *args, **kwargs):
         with self.assertRaises(data.DataError) as raised:
             call(*args, **kwargs)
