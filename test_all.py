@@ -1566,7 +1566,8 @@ class TestTrain(WithSyntheticData):
         self.assertFalse(os.path.exists(checkpoint))  # removed once the run is saved
         with open(os.path.join(train.run_dir(earlier), "adapter.pt"), "rb") as f:
             resumed_bytes = f.read()
-        whole = train.parse_args(base[:-2] + ["--n_iters", "10", "--save_path", os.path.join(self.tmp.name, "whole")])
+        whole = train.parse_args(base[:-2] + ["--n_iters", "10", "--save_path", os.path.join(self.tmp.name,
+                                                                                              "uninterrupted")])
         quiet(train.run, whole)
         with open(os.path.join(train.run_dir(whole), "adapter.pt"), "rb") as f:
             self.assertEqual(f.read(), resumed_bytes)
