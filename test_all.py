@@ -1969,7 +1969,7 @@ class TestCommandLine(unittest.TestCase):
             (["--comp_ratio", "1.5"], "--comp_ratio 1.5: expected a number in [0, 1)"),
             (["--comp_ratio", "nan"], "--comp_ratio nan: expected a number in [0, 1)"),
             (["--params", "q", "q"], "--params q q: a projection named twice"),
-            (["--params", "q", "x"], "--params q x: unknown 'x'"),
+            (["--params", "q", "x"], "argument --params: invalid choice: 'x'", 2),
             (["--position", "middle"], "argument --position: invalid choice: 'middle'", 2),
             (["--workers", "-1"], "--workers -1: expected 0 or more"),
             (["--device", "cuda"], "--device cuda: no CUDA device is available here"),

@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=1, help="scaling s = alpha / sqrt(r); 0 is refused")
     p.add_argument("--dropout_rate", type=float, default=0.25)
     p.add_argument("--encoder", default="both", choices=["text", "vision", "both"])
-    p.add_argument("--params", nargs="+", default=["q", "k", "v"], help="projections among q k v o")
+    p.add_argument("--params", nargs="+", default=["q", "k", "v"], choices=clip_model.PROJECTIONS,
+                   help="projections among q k v o")
     p.add_argument("--position", default="all", choices=clip_model.POSITIONS)
     p.add_argument("--blocks", type=int, default=8, help="Block-LoRA: number of input chunks n")
     p.add_argument("--comp_ratio", type=float, default=0.5, help="Comp-LoRA: protected share k / min(d_out, d_in)")
@@ -112,11 +113,8 @@ def check_args(args):
     for flag, valid, expected in numbers:
         if not (math.isfinite(getattr(args, flag)) and valid(getattr(args, flag))):
             raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
-    unknown = [p for p in args.params if p not in clip_model.PROJECTIONS]
-    if unknown or len(set(args.params)) != len(args.params):
-        what = f"unknown {unknown[0]!r}" if unknown else "a projection named twice"
-        raise UserError(f"--params {' '.join(args.params)}: {what}; expected distinct names among "
-                        f"{' '.join(clip_model.PROJECTIONS)}")
+    if len(set(args.params)) != len(args.params):
+        raise UserError(f"--params {' '.join(args.params)}: a projection named twice; expected distinct ones")
     if not args.save_path:
         raise UserError("--save_path '': expected a folder name")
     if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
@@ -330,10 +328,8 @@ def run_dir(args):
 
 def run_config(args, device):
     """Every setting that changes a run's result (results.RUN_FIELDS); the adapter's come from adapter_config."""
-    adapter = adapter_config(args)
-    config = {field: adapter[field] if field in adapter else getattr(args, field) for field in results.RUN_FIELDS}
-    config["precision"] = resolve_precision(args.precision, device)
-    return config
+    settings = {**vars(args), **adapter_config(args), "precision": resolve_precision(args.precision, device)}
+    return {field: settings[field] for field in results.RUN_FIELDS}
 
 
 def clip_lora_file(args):
