@@ -1,13 +1,11 @@
-"""OpenAI CLIP (vision transformers and text transformer) in one file, loading OpenAI's released weights.
+"""OpenAI CLIP (ViT image and text transformers) in one file, loading OpenAI's released weights.
 
-Same public names as openai/CLIP: `load`, `available_models`, `tokenize`, `model.encode_image`,
-`model.encode_text`, `model.logit_scale`. Two differences, both for adapters and speed:
-  - attention is four explicit nn.Linear modules per block (q_proj, k_proj, v_proj, out_proj), the
-    checkpoint's fused `in_proj_weight` being split on load, and runs through scaled_dot_product_attention;
-  - `encode_text` runs each group of prompts only up to its own last end-of-text token (exact, see there).
-Architecture facts follow Radford et al. 2021 ("Learning Transferable Visual Models From Natural Language
-Supervision") and openai/CLIP `model.py`; every size is read from the checkpoint's tensor shapes.
-"""
+Public names as openai/CLIP (`load`, `available_models`, `tokenize`, `encode_image`, `encode_text`, `logit_scale`).
+For adapters and speed, attention is four nn.Linear per block (q/k/v/out_proj; the fused `in_proj_weight` is split
+on load) run by scaled_dot_product_attention, and `encode_text` runs each group of prompts only up to its own last
+end-of-text token (exact, see there). Architecture: Radford et al. 2021 ("Learning Transferable Visual Models From
+Natural Language Supervision") and openai/CLIP `model.py`; every size is read from the checkpoint's tensor shapes."""
+import contextlib
 import gzip
 import hashlib
 import html
@@ -43,8 +41,6 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 class LoadError(ValueError):
     """A model name or weights file that cannot be used; the message is one line for the user."""
 
-
-# ----------------------------------------------------------------------------------------------- model
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (openai/CLIP model.py)."""
@@ -176,11 +172,9 @@ class CLIP(nn.Module):
         for tower in (self.transformer, self.visual.transformer):
             proj_std = tower.width ** -0.5 * (2 * tower.layers) ** -0.5
             for block in tower.resblocks:
-                for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
-                    nn.init.normal_(proj.weight, std=tower.width ** -0.5)
+                for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj):
+                    nn.init.normal_(proj.weight, std=proj_std if proj is block.attn.out_proj else tower.width ** -0.5)
                     nn.init.zeros_(proj.bias)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.zeros_(block.attn.out_proj.bias)
                 nn.init.normal_(block.mlp.c_fc.weight, std=(2 * tower.width) ** -0.5)
                 nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
@@ -223,16 +217,13 @@ class CLIP(nn.Module):
         return fuse_attention(self.state_dict())
 
 
-# ------------------------------------------------------------------------------------- state dicts
-
 def split_attention(state_dict):
     """OpenAI layout -> ours: each `attn.in_proj_weight` (3 width x width) becomes q/k/v_proj weights."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith("attn.in_proj_weight") or key.endswith("attn.in_proj_bias"):
             prefix, kind = key.rsplit(".in_proj_", 1)  # kind: "weight" or "bias"
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"{prefix}.{name}.{kind}"] = part
+            out.update(zip((f"{prefix}.{name}.{kind}" for name in ("q_proj", "k_proj", "v_proj")), value.chunk(3)))
         else:
             out[key] = value
     return out
@@ -256,13 +247,12 @@ def build_model(state_dict, source="state dict"):
     sd = split_attention({k: v for k, v in state_dict.items()
                           if k not in ("input_resolution", "context_length", "vocab_size")})
     try:
-        width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         config = dict(
             embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
             vision_layers=len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}),
-            vision_width=width, vision_patch_size=patch,
+            vision_width=sd["visual.conv1.weight"].shape[0], vision_patch_size=patch,
             context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
             transformer_width=sd["ln_final.weight"].shape[0],
             transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
@@ -321,16 +311,12 @@ def _download(name, root):
 
 def _read_state_dict(path):
     """Tensors of an OpenAI TorchScript archive (never executed) or of a plain state-dict file."""
-    try:
-        with warnings.catch_warnings():  # recent torch marks torch.jit deprecated; OpenAI's files need it
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:
-        pass
-    try:
+    with contextlib.suppress(Exception), warnings.catch_warnings():  # not TorchScript: try a state dict below
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks torch.jit deprecated; OpenAI's files need it
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    state_dict = None
+    with contextlib.suppress(Exception):
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        state_dict = None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise LoadError(f"{path}: neither a TorchScript archive nor a state dict of tensors")
     return state_dict
@@ -350,24 +336,21 @@ def load(name_or_path, device="cpu", download_root=None):
     """(model, preprocess) for an OpenAI model name, "tiny", or a weights file; the model is float32, in eval mode."""
     if name_or_path == "tiny":
         model = build_random(**TINY_CONFIG)
-    else:
+    elif name_or_path in _MODELS or os.path.isfile(name_or_path):
+        path = name_or_path
         if name_or_path in _MODELS:
             path = _download(name_or_path, download_root or os.path.expanduser("~/.cache/clip"))
-        elif os.path.isfile(name_or_path):
-            path = name_or_path
-        else:
-            raise LoadError(f"unknown model {name_or_path!r}: expected one of {available_models()} "
-                            "or the path of a weights file")
         model = build_model(_read_state_dict(path), source=path)
+    else:
+        raise LoadError(f"unknown model {name_or_path!r}: expected one of {available_models()} "
+                        "or the path of a weights file")
     return model.to(device), preprocess(model.visual.input_resolution)
 
 
 def resolve_precision(requested, device):
     """The --precision that runs on `device`: auto is fp16 on CUDA (the official lora.py), fp32 elsewhere (our
     choice: bf16 is slow on CPUs without bf16 units, fp16 on nearly all CPUs)."""
-    if requested == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return requested
+    return ("fp16" if device.type == "cuda" else "fp32") if requested == "auto" else requested
 
 
 def autocast(device, precision):
@@ -384,21 +367,15 @@ def preprocess(resolution):
                       methodcaller("convert", "RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-# --------------------------------------------------------------------------- choosing what to adapt
-
 def _position_blocks(position, depth):
     """Block indices of CLIP-LoRA's position names, as fractions of the depth (our rule).
 
-    The official tables (MaxZanella/CLIP-LoRA loralib/utils.py, INDEX_POSITIONS_TEXT and _VISION, commit
-    358f0d7), all of which this rule gives exactly:
-      - 12 blocks (the text tower of every model; the vision tower of ViT-B/16 and ViT-B/32): bottom 0-3,
-        mid 4-7, up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11, all 0-11;
-      - ViT-L/14's 24 vision blocks: half-bottom 0-11, half-up 12-23, all 0-23 (its commit e6bf706; before,
-        this entry held the 12-block lists, with all = 0-20).
-    Where ours extends them (the official apply_lora stops with a KeyError there): top3 on the ViT-B/32
-    vision tower; bottom 0-7, mid 8-15, up 16-23, top3 21-23 on ViT-L/14's; every position on the vision
-    tower of ViT-L/14@336px, which has no official table.
-    """
+    It gives exactly the official tables (MaxZanella/CLIP-LoRA loralib/utils.py, INDEX_POSITIONS_TEXT and _VISION,
+    commit 358f0d7): 12 blocks (every text tower; the vision tower of ViT-B/16 and ViT-B/32): bottom 0-3, mid 4-7,
+    up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11, all 0-11; ViT-L/14's 24 vision blocks: half-bottom 0-11,
+    half-up 12-23, all 0-23 (its commit e6bf706; before, the 12-block lists, with all = 0-20). Ours extends them
+    where the official apply_lora stops with a KeyError: top3 on the ViT-B/32 vision tower; bottom 0-7, mid 8-15,
+    up 16-23, top3 21-23 on ViT-L/14's; every position on ViT-L/14@336px's vision tower (no official table)."""
     ranges = {"all": (0, depth), "bottom": (0, depth // 3), "mid": (depth // 3, 2 * depth // 3),
               "up": (2 * depth // 3, depth), "half-up": (depth // 2, depth), "half-bottom": (0, depth // 2),
               "top3": (max(depth - 3, 0), depth)}
@@ -419,23 +396,17 @@ def adapter_names(model, encoder="both", position="all", projections=("q", "k", 
     unknown = [p for p in projections if p not in PROJECTIONS]
     if unknown or not projections:
         raise ValueError(f"projections {list(projections)}: expected a non-empty subset of {list(PROJECTIONS)}")
-    towers = {"vision": ("visual.transformer", model.visual.transformer), "text": ("transformer", model.transformer)}
-    chosen = [towers["vision"], towers["text"]] if encoder == "both" else [towers[encoder]]
-    names = [f"{tower_name}.resblocks.{index}.attn.{PROJECTIONS[p]}" for tower_name, tower in chosen
-             for index in _position_blocks(position, tower.layers) for p in projections]
+    towers = [t for e, t in (("vision", "visual.transformer"), ("text", "transformer")) if encoder in (e, "both")]
+    names = [f"{tower}.resblocks.{index}.attn.{PROJECTIONS[p]}" for tower in towers
+             for index in _position_blocks(position, model.get_submodule(tower).layers) for p in projections]
     if not names:
         raise ValueError(f"position {position!r} selects no block of this model")
     return names
 
 
-# ----------------------------------------------------------------------------------------- tokenizer
-
 def _bytes_to_unicode():
-    """OpenAI's reversible map of the 256 bytes to printable characters (GPT-2's byte-level BPE).
-
-    Order matters: the printable bytes come first, then the others mapped to 256, 257, ...; the
-    vocabulary's first 256 ids follow this order.
-    """
+    """OpenAI's reversible map of the 256 bytes to printable characters (GPT-2's byte-level BPE). Order matters:
+    printable bytes first, then the others as chr(256), chr(257), ...; the vocabulary's first 256 ids follow it."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
@@ -453,9 +424,8 @@ class Tokenizer:
         with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # the first 48,894 merges
-        symbols = list(self.byte_encoder.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        symbols, specials = list(self.byte_encoder.values()), ["<|startoftext|>", "<|endoftext|>"]
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + specials
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.merge_rank = {pair: i for i, pair in enumerate(merges)}
         self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
@@ -467,19 +437,14 @@ class Tokenizer:
             return [word]
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.merge_rank.get(pair, math.inf))
             if best not in self.merge_rank:
                 break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            i = 0
+            while i < len(parts) - 1:  # merge every occurrence, left to right, without overlaps
+                if (parts[i], parts[i + 1]) == best:
+                    parts[i:i + 2] = [parts[i] + parts[i + 1]]
+                i += 1
         return parts
 
     def encode(self, text):
