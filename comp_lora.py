@@ -24,6 +24,32 @@ def adapter_dropout(x, p, training):
     return x * (torch.rand_like(x) >= p).to(x.dtype) * (1 / (1 - p))
 
 
+class _DropoutLinear(torch.autograd.Function):
+    """F.linear(adapter_dropout(x, p, True), down), keeping for backward x and a 1-byte mask: autograd would
+    keep the float mask and the dropped copy, 8 bytes per element for each adapter, while x is the same tensor
+    for the q, k and v adapters of a block, so it is kept once for the three. Same draws, same numbers."""
+
+    @staticmethod
+    def forward(ctx, x, down, p):
+        keep = torch.rand_like(x) >= p  # the draws of adapter_dropout
+        low = F.linear(x.mul(keep).mul_(1 / (1 - p)), down)  # (..., r); autocast casts as in LoRALinear
+        ctx.save_for_backward(x, keep, down)
+        ctx.p = p
+        return low
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., r)
+        x, keep, down = ctx.saved_tensors
+        grad_x = grad_down = None
+        # the products in the dtype autocast gave them in forward (grad's); autograd casts the results back
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ down.to(grad.dtype)).to(x.dtype).mul_(keep).mul_(1 / (1 - ctx.p))  # a new tensor
+        if ctx.needs_input_grad[1]:
+            dropped = x.mul(keep).mul_(1 / (1 - ctx.p)).to(grad.dtype)
+            grad_down = grad.flatten(0, -2).t().mm(dropped.flatten(0, -2))  # (r, d_in), as F.linear's backward
+        return grad_x, grad_down, None
+
+
 class LoRALinear(nn.Module):
     """h = W x + b + s * B A dropout(x), with W, b frozen (CLIP-LoRA's LinearLoRA).
 
@@ -67,8 +93,12 @@ class LoRALinear(nn.Module):
         down, up = self.factors()
         # (x A^T)(s B)^T costs r * (d_in + d_out) per token, instead of d_in * d_out for x (s B A)^T;
         # s multiplies the small factor B, not the activations
-        low = F.linear(adapter_dropout(x, self.dropout, self.training), down.to(x.dtype))  # (..., r)
-        return out + F.linear(low, (self.scaling * up).to(x.dtype))
+        if self.training and self.dropout > 0 and torch.is_grad_enabled():
+            low = _DropoutLinear.apply(x, down.to(x.dtype), self.dropout)  # (..., r)
+        else:
+            low = F.linear(adapter_dropout(x, self.dropout, self.training), down.to(x.dtype))  # (..., r)
+        # in place: the frozen product is kept by nothing, and one allocation fewer leaves the heap less fragmented
+        return out.add_(F.linear(low, (self.scaling * up).to(x.dtype)))
 
     @torch.no_grad()
     def merge(self):
