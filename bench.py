@@ -3,7 +3,7 @@
     python bench.py                                   # CUDA when available, else CPU with smaller defaults
     python bench.py --methods none lora --json bench.json
     python bench.py --sections imagenet               # the 1,000-class ImageNet scale (CPU here: ~30 min)
-    python bench.py --sections peft                   # ImageNet scale against peft + transformers (~10 min)
+    python bench.py --sections peft                   # ImageNet scale against peft + transformers (~6 min)
 
 Methods: `none` (frozen CLIP, nothing to train) and the `lora`, `comp` and `block` adapters with train.py's
 defaults (r=2, alpha=1, dropout 0.25 on q, k, v of every block of both encoders). For each: one training step
@@ -431,14 +431,14 @@ def print_vs_peft(report):
     print(f"\nImageNet scale against peft: {sum(IMAGENET_LENGTHS.values()):,} prompts, batch {report['batch']}, "
           f"{report['device_name']}; step: median (min-max) of rounds taking turns, vs peft: median of the "
           f"rounds' ratios; peak: {report['memory']}")
-    print(f"{'step':<34}{'median s':>9}{'min-max s':>14}{'vs peft':>8}{'peak GiB':>9}{'vs peft':>8}")
+    print(f"{'step':<44}{'median s':>9}{'min-max s':>14}{'vs peft':>8}{'peak GiB':>9}{'vs peft':>8}")
     for name, v in r.items():
         s = v["step_seconds"]
         label = ("peft + transformers CLIPModel" if name == "peft" else
                  f"ours lora, {name} ({v['checkpointed_blocks']} text blocks ckpt)".replace("True", "all"))
         ratio = f"{v['time_vs_peft']['median']:>8.3f}" if "time_vs_peft" in v else f"{'-':>8}"
         memory = f"{v['peak_memory_bytes'] / r['peft']['peak_memory_bytes']:>8.3f}" if "peft" in r else f"{'-':>8}"
-        print(f"{label:<34}{s['median']:>9.2f}{s['min']:>8.2f}-{s['max']:<5.2f}{ratio}"
+        print(f"{label:<44}{s['median']:>9.2f}{s['min']:>8.2f}-{s['max']:<5.2f}{ratio}"
               f"{v['peak_memory_bytes'] / gb:>9.2f}{memory}")
     if "peft" not in r:
         print(PEFT_HINT)
