@@ -4,6 +4,7 @@
     python bench.py --methods none lora --json bench.json
     python bench.py --sections imagenet               # the 1,000-class ImageNet scale (CPU here: ~30 min)
     python bench.py --sections comp_setup             # Comp-LoRA's set-up: one float64 SVD per projection
+    python bench.py --sections peft                   # ImageNet scale against peft + transformers (~6 min)
 
 Methods: `none` (frozen CLIP, nothing to train) and the `lora`, `comp` and `block` adapters with train.py's
 defaults (r=2, alpha=1, dropout 0.25 on q, k, v of every block of both encoders). For each: one training step
@@ -20,6 +21,10 @@ ImageNet 16-shot setting (batch 32, fp16 autocast) projected from those counts. 
 is that setting's, the step time and torch.cuda.max_memory_allocated are measured next to the projection.
 --sections comp_setup: the seconds that wrapping ViT-B/16's 72 q, k, v projections (36 of 768 x 768, 36 of
 512 x 512) with Comp-LoRA takes on --device, paid by every run and every --eval_only (comp_lora._complement_bases).
+--sections peft: the same step, our lora with the default flags (`--text_checkpoint auto`, the blocks of
+`clip_model.text_checkpoint_blocks`), with no and with every text block checkpointed, and peft's LoRA on
+transformers' CLIPModel (when both are installed), the four taking turns each round; peak memory of each in a
+process of its own.
 Prints tables; --json FILE also writes the figures.
 """
 import argparse
@@ -334,6 +339,116 @@ def measure_imagenet(method, variant, device, batch, warmup, image_part):
                                                                                         model.buffers()))}
 
 
+# --sections peft: our training step with the default flags (`--text_checkpoint auto`: the blocks of
+# clip_model.text_checkpoint_blocks), with no and with every text block checkpointed, against peft on Hugging
+# Face's CLIPModel. peft and transformers are optional, for this section only.
+PEFT_HINT = "peft rows skipped: pip install peft transformers (for bench.py only)"
+
+
+def peft_model(device):
+    """transformers' CLIPModel with VIT_B_16's sizes (random weights, QuickGELU as CLIP), LoRA by peft on q, k
+    and v of both towers with our r, alpha and dropout (peft scales by alpha / r: no effect on cost), in
+    training mode; None when peft or transformers is not installed."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import CLIPConfig, CLIPModel
+    except ImportError:
+        return None
+    c = VIT_B_16
+    config = CLIPConfig(projection_dim=c["embed_dim"], text_config=dict(
+        hidden_size=c["transformer_width"], intermediate_size=4 * c["transformer_width"], hidden_act="quick_gelu",
+        num_attention_heads=c["transformer_width"] // 64, num_hidden_layers=c["transformer_layers"],
+        max_position_embeddings=c["context_length"], vocab_size=c["vocab_size"]), vision_config=dict(
+        hidden_size=c["vision_width"], intermediate_size=4 * c["vision_width"], hidden_act="quick_gelu",
+        num_attention_heads=c["vision_width"] // 64, num_hidden_layers=c["vision_layers"],
+        image_size=c["image_resolution"], patch_size=c["vision_patch_size"]))
+    lora = LoraConfig(r=ADAPTER["r"], lora_alpha=ADAPTER["alpha"], lora_dropout=ADAPTER["dropout"],
+                      target_modules=["q_proj", "k_proj", "v_proj"])
+    return get_peft_model(CLIPModel(config), lora).to(device).train()
+
+
+def peft_training_step(model, images, tokens, labels, device):
+    """training_step for the peft model: the prompts cut to the longest one with its attention mask, as
+    CLIPProcessor(padding=True) gives them; the same loss, AdamW and precision."""
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    ids = tokens[:, :length]
+    mask = (torch.arange(length, device=device) <= tokens.argmax(dim=-1, keepdim=True)).long()  # (n, length)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=1e-2)
+    precision = train.resolve_precision("auto", device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step():
+        with train.autocast(device, precision):
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=images)
+            image, text = (F.normalize(f.float(), dim=-1) for f in (out.image_embeds, out.text_embeds))
+        scaler.scale(F.cross_entropy(train.LOGIT_SCALE * image @ text.t(), labels)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def peft_variants(model, tokens, device):
+    """{name: checkpoint argument of encode_text}: the default (train.py's --text_checkpoint auto), none, all."""
+    element_size = 4 if train.resolve_precision("auto", device) == "fp32" else 2
+    return {"default": clip_model.text_checkpoint_blocks(model, tokens, element_size), "no ckpt": 0,
+            "all ckpt": True}
+
+
+def time_vs_peft(device, batch, steps, warmup):
+    """Step seconds of our lora variants and of peft, taking turns each round (so that the machine's load
+    affects them alike), and each one's time relative to peft's in the same round."""
+    images, tokens, labels = imagenet_inputs(batch, device)
+    model = build("lora", device)
+    variants = peft_variants(model, tokens, device)
+    functions = {name: training_step(model, images, tokens, labels, device, checkpoint=k)
+                 for name, k in variants.items()}
+    other = peft_model(device)
+    if other is not None:
+        functions["peft"] = peft_training_step(other, images, tokens, labels, device)
+    seconds = timed(functions, device, steps, warmup)
+    result = {name: {"step_seconds": summary(s), "checkpointed_blocks": variants.get(name)}
+              for name, s in seconds.items()}
+    if other is not None:
+        for name, s in seconds.items():
+            result[name]["time_vs_peft"] = summary([a / b for a, b in zip(s, seconds["peft"])])
+    return result
+
+
+def measure_vs_peft(name, device, batch, warmup):
+    """Peak memory of one time_vs_peft variant over max(warmup, 1) steps, in a process of its own."""
+    images, tokens, labels = imagenet_inputs(batch, device)
+    if name == "peft":
+        step = peft_training_step(peft_model(device), images, tokens, labels, device)
+    else:
+        model = build("lora", device)
+        step = training_step(model, images, tokens, labels, device, checkpoint=peft_variants(model, tokens, device)[name])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(max(warmup, 1)):
+        step()
+    sync(device)
+    return memory_mark(device)
+
+
+def print_vs_peft(report):
+    r, gb = report["peft"], 2 ** 30
+    print(f"\nImageNet scale against peft: {sum(IMAGENET_LENGTHS.values()):,} prompts, batch {report['batch']}, "
+          f"{report['device_name']}; step: median (min-max) of rounds taking turns, vs peft: median of the "
+          f"rounds' ratios; peak: {report['memory']}")
+    print(f"{'step':<44}{'median s':>9}{'min-max s':>14}{'vs peft':>8}{'peak GiB':>9}{'vs peft':>8}")
+    for name, v in r.items():
+        s = v["step_seconds"]
+        label = ("peft + transformers CLIPModel" if name == "peft" else
+                 f"ours lora, {name} ({v['checkpointed_blocks']} text blocks ckpt)".replace("True", "all"))
+        ratio = f"{v['time_vs_peft']['median']:>8.3f}" if "time_vs_peft" in v else f"{'-':>8}"
+        memory = f"{v['peak_memory_bytes'] / r['peft']['peak_memory_bytes']:>8.3f}" if "peft" in r else f"{'-':>8}"
+        print(f"{label:<44}{s['median']:>9.2f}{s['min']:>8.2f}-{s['max']:<5.2f}{ratio}"
+              f"{v['peak_memory_bytes'] / gb:>9.2f}{memory}")
+    if "peft" not in r:
+        print(PEFT_HINT)
+
+
 def projected_peak(result, saved, recompute):
     """Projected peak memory of a training step from counted bytes.
 
@@ -475,9 +590,9 @@ def main(argv=None):
                    help="timed steps after warm-up (CUDA 10, CPU 5; imagenet section on CPU 2)")
     p.add_argument("--warmup", type=integer_at_least(0), help="untimed steps first (CUDA 3, CPU 1)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--sections", nargs="+", choices=["steps", "text", "imagenet", "comp_setup"],
+    p.add_argument("--sections", nargs="+", choices=["steps", "text", "imagenet", "peft", "comp_setup"],
                    default=["steps", "text"], help="steps: the training step table at --classes; text: text "
-                   "encoding; imagenet, comp_setup: see above")
+                   "encoding; imagenet, peft, comp_setup: see above")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     cuda = args.device.type == "cuda"
@@ -501,7 +616,7 @@ def main(argv=None):
         "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode on one step (forward + backward)",
         "memory": "torch.cuda.max_memory_allocated; +step above the model and inputs" if cuda else
                   "each method's own process, peak resident set (ru_maxrss); +step above its pre-step high-water mark",
-        "methods": {}, "text_encoding": {}, "imagenet": {}, "comp_setup": {}}
+        "methods": {}, "text_encoding": {}, "imagenet": {}, "peft": {}, "comp_setup": {}}
     print(f"{report['device_name']}, torch {torch.__version__}; CLIP {report['model']}; batch {args.batch}, "
           f"{args.classes} classes, {args.steps} timed steps after {args.warmup} warm-up; "
           f"{peak_label} peak {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -541,6 +656,17 @@ def main(argv=None):
     if report["imagenet"]:
         add_projections(report["imagenet"], VIT_B_16["transformer_layers"])
         print_imagenet(report)
+
+    if "peft" in sections:
+        start = time.perf_counter()
+        with context.Pool(1) as pool:
+            report["peft"] = pool.apply(time_vs_peft, (args.device, args.batch, imagenet_steps, args.warmup))
+        for name in report["peft"]:  # one process each, one at a time
+            with context.Pool(1) as pool:
+                report["peft"][name]["peak_memory_bytes"] = pool.apply(measure_vs_peft, (
+                    name, args.device, args.batch, args.warmup))
+        print(f"  measured the peft comparison in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        print_vs_peft(report)
 
     if "comp_setup" in sections:
         report["comp_setup"] = r = comp_setup(args.device)

@@ -1,6 +1,5 @@
 """Block-LoRA layer around a frozen nn.Linear: LoRA with a shared, repeated down-projection. Copy it with
 comp_lora.py (its base class LoRALinear, and add_adapters and the other functions); depends on torch alone.
-
 "One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning",
 arXiv 2501.16720. Confirmed (abstract): LoRA's low-rank matrices are partitioned into sub-matrices, all
 down-projection sub-matrices are shared, some products become additions, with fewer parameters and less

@@ -1,12 +1,7 @@
-"""LoRA (as CLIP-LoRA) and Comp-LoRA layers around a frozen nn.Linear, and the functions that put them into a
-model (OpenAI CLIP, open_clip, Hugging Face's CLIPModel, ...) and take them out. Depends on torch alone.
-LoRA:      Zanella & Ben Ayed, "Low-Rank Few-Shot Adaptation of Vision-Language Models", CVPRW 2024
-           (arXiv 2405.18541), official code MaxZanella/CLIP-LoRA, loralib/layers.py (LinearLoRA).
-Comp-LoRA: arXiv 2501.15040: the update lives in the complement of the weight's top singular directions.
-
-Names as loralib (`lora_A` r x in, `lora_B` out x r, `scaling`, `mark_only_lora_as_trainable`, `lora_state_dict`)
-and peft (`merge_and_unload`). `lora_` parameters are float32 whatever W's dtype (as peft's autocast_adapter_dtype),
-so an fp16 model trains under a GradScaler. Merging is explicit (`merge()`), never a side effect of `.eval()`.
+"""LoRA (CLIP-LoRA: Zanella & Ben Ayed, CVPRW 2024, arXiv 2405.18541; MaxZanella/CLIP-LoRA loralib/layers.py) and
+Comp-LoRA (arXiv 2501.15040) layers around a frozen nn.Linear, and the functions that put them into any model (OpenAI
+CLIP, open_clip, Hugging Face's CLIPModel) and take them out; torch alone. Names as loralib (`lora_A` r x in, `lora_B`
+out x r, `scaling`) and peft (`merge_and_unload`). Merging is explicit (`merge()`), never a side effect of `.eval()`.
 """
 import math
 
@@ -16,31 +11,48 @@ from torch import nn
 
 
 def adapter_dropout(x, p, training):
-    """Dropout of the adapter's input with nn.Dropout's law (zero with probability p, survivors scaled by 1 / (1 - p)).
-    The mask comes from rand_like: on CPU bernoulli_ is 3x slower, 70% of the adapters' training overhead (bench.py)."""
+    """nn.Dropout's law on the adapter's input; the mask from rand_like (on CPU bernoulli_ is 3x slower: bench.py)."""
     if not training or p == 0:
         return x
     return x * (torch.rand_like(x) >= p).to(x.dtype) * (1 / (1 - p))
 
 
+class _DropoutLinear(torch.autograd.Function):
+    """F.linear(adapter_dropout(x, p, True), down) keeping for backward x and a 1-byte mask instead of the float mask
+    and the dropped copy (8 bytes an element for each adapter): x is one tensor for a block's q, k, v adapters."""
+
+    @staticmethod
+    def forward(ctx, x, down, p):
+        keep = torch.rand_like(x) >= p  # the draws of adapter_dropout
+        ctx.save_for_backward(x, keep, down)
+        ctx.scale = 1 / (1 - p)
+        return F.linear(x.mul(keep).mul_(ctx.scale), down)  # (..., r); autocast casts as in LoRALinear
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., r), in the dtype autocast gave the product; autograd casts back
+        x, keep, down = ctx.saved_tensors
+        grad_x = (grad @ down.to(grad.dtype)).to(x.dtype).mul_(keep).mul_(ctx.scale) if ctx.needs_input_grad[0] \
+            else None
+        dropped = x.mul(keep).mul_(ctx.scale).to(grad.dtype)
+        return grad_x, grad.flatten(0, -2).t().mm(dropped.flatten(0, -2)), None  # (r, d_in), as F.linear's backward
+
+
 class LoRALinear(nn.Module):
-    """h = W x + b + s * B A dropout(x), with W, b frozen (CLIP-LoRA's LinearLoRA).
-    lora_A: r x d_in, kaiming_uniform_(a=sqrt(5)); lora_B: d_out x r, zeros, so the layer starts as W.
-    s = alpha / sqrt(r): the official CLIP-LoRA code's rule (loralib/layers.py), not LoRA's alpha / r.
-    Dropout acts on the adapter branch only, and only in training, as the official code. The layer takes the
-    training mode of `base`; `name` labels errors. Subclasses change `adapter_dims`, `factors`, `forward`."""
+    """h = W x + b + s * B A dropout(x), W and b frozen (CLIP-LoRA's LinearLoRA): lora_A r x d_in, kaiming_uniform_(a=
+    sqrt(5)); lora_B d_out x r, zeros; s = alpha / sqrt(r), the official code's rule (not LoRA's alpha / r); dropout on
+    the adapter branch in training only. Takes the mode of `base`; `name` labels errors. Subclasses change
+    `adapter_dims`, `factors`, `forward`."""
 
     def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, name=None):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"{name + ': ' if name else ''}rank r={r}: expected a positive integer")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"{name + ': ' if name else ''}dropout={dropout}: expected a number in [0, 1)")
+        if r < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"{name + ': ' if name else ''}rank r={r}, dropout={dropout}: expected r >= 1 and "
+                             "dropout in [0, 1)")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.dropout, self.merged = r, alpha, dropout, False
         self.scaling = alpha / math.sqrt(r)
         in_dim, out_dim = self.adapter_dims()
-        # float32 whatever W's dtype: fp16 gradients cannot be unscaled by a GradScaler (cast in forward)
+        # float32 whatever W's dtype (as peft's): fp16 gradients cannot be unscaled by a GradScaler (cast in forward)
         self.lora_A = nn.Parameter(torch.empty(r, in_dim, dtype=torch.float32, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_dim, r, dtype=torch.float32, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -64,32 +76,29 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         down, up = self.factors()
-        # (x A^T)(s B)^T costs r * (d_in + d_out) per token, instead of d_in * d_out for x (s B A)^T;
-        # s multiplies the small factor B, not the activations
-        low = F.linear(adapter_dropout(x, self.dropout, self.training), down.to(x.dtype))  # (..., r)
-        return out + F.linear(low, (self.scaling * up).to(x.dtype))
+        # (x A^T)(s B)^T: r * (d_in + d_out) per token, not d_in * d_out; s scales the small B, not activations. In
+        # place: nothing keeps the frozen product, and one allocation fewer leaves the heap less fragmented
+        if self.training and self.dropout > 0 and torch.is_grad_enabled():
+            low = _DropoutLinear.apply(x, down.to(x.dtype), self.dropout)  # (..., r)
+        else:
+            low = F.linear(adapter_dropout(x, self.dropout, self.training), down.to(x.dtype))  # (..., r)
+        return out.add_(F.linear(low, (self.scaling * up).to(x.dtype)))
 
-    @torch.no_grad()
-    def merge(self):
+    def merge(self, merged=True):
         """W <- W + Delta W; the adapter branch is then skipped (zero-overhead inference)."""
-        if self.merged:
-            raise RuntimeError("merge(): adapter is already merged")
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-        self.merged = True
+        if self.merged == merged:
+            state = "already merged" if merged else "not merged"
+            raise RuntimeError(f"{'merge' if merged else 'unmerge'}(): adapter is {state}")
+        with torch.no_grad():
+            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype), alpha=1 if merged else -1)
+        self.merged = merged
 
-    @torch.no_grad()
     def unmerge(self):
         """W <- W - Delta W, undoing `merge()` (up to float rounding)."""
-        if not self.merged:
-            raise RuntimeError("unmerge(): adapter is not merged")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-        self.merged = False
+        self.merge(merged=False)
 
-    # merge() changes W in place, so a merged layer's state loaded into an unmerged adapter would add the update
-    # twice. Our choice: the state says whether W holds the update, in the state dict's metadata (where torch keeps
-    # each module's version), and loading honours it. Not a key: a merged model's keys stay an unmerged one's, so
-    # key filters (lora_state_dict, exports) are unaffected; torch.save/load and load_state_dict keep it, a copy
-    # into a plain dict drops it (export merged models with merge_and_unload).
+    # A merged state loaded into an unmerged adapter would add the update twice. Our choice: the state dict's metadata
+    # says whether W holds it, and loading honours it (a plain-dict copy drops it: export with merge_and_unload).
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if hasattr(destination, "_metadata"):
@@ -106,10 +115,8 @@ class LoRALinear(nn.Module):
 
 
 def _complement_bases(weight, k):
-    """U[:, k:], V[:, k:] of W = U S V^T in float64, each column's sign fixed; on W's GPU, else on the CPU.
-    Fixing the sign (largest-magnitude entry of each right vector positive, the left vector flipped with it)
-    makes the bases the same on every machine, so a saved adapter means the same update when reloaded. On a
-    GPU (cuSOLVER) they agree with the CPU's to float64 rounding, far below the float32 they are kept in."""
+    """U[:, k:], V[:, k:] of W = U S V^T in float64 (on W's GPU, else the CPU), signs fixed (largest entry of each right
+    vector positive): the same bases on every machine (to float64 rounding): a saved adapter means the same update."""
     device = weight.device if weight.device.type == "cuda" else "cpu"  # MPS has no float64
     u, _, vh = torch.linalg.svd(weight.detach().to(device, torch.float64), full_matrices=True)
     v = vh.t()
@@ -120,13 +127,11 @@ def _complement_bases(weight, k):
 
 
 class CompLoRALinear(LoRALinear):
-    """Comp-LoRA: Delta W = s * P_out B A P_in^T, so the update never touches W's top-k singular directions.
-    Confirmed (arXiv 2501.15040, abstract and Fig. 1): the update is learnt in the complement of the most
-    informative directions of W, the input is projected in by a fixed matrix and the output back by another,
-    and no parameters are added over LoRA. Our reconstruction: with W = U S V^T, P_in = V[:, k:],
-    P_out = U[:, k:], k = round(comp_ratio * min(d_out, d_in)) (the choice of k is ours; flag comp_ratio).
-    Then Delta W V_k = 0 and U_k^T Delta W = 0. lora_A: r x (d_in - k), lora_B: (d_out - k) x r.
-    """
+    """Comp-LoRA: Delta W = s * P_out B A P_in^T never touches W's top-k singular directions. Confirmed (arXiv
+    2501.15040, abstract, Fig. 1): learnt in the complement of W's most informative directions, input and output
+    projected by fixed matrices, no parameters over LoRA. Our reconstruction (k our choice, flag comp_ratio):
+    W = U S V^T, P_in = V[:, k:], P_out = U[:, k:], k = round(comp_ratio * min(d_out, d_in)), so Delta W V_k = 0
+    and U_k^T Delta W = 0; lora_A: r x (d_in - k), lora_B: (d_out - k) x r."""
 
     def __init__(self, base: nn.Linear, r=2, alpha=1.0, dropout=0.25, comp_ratio=0.5, name=None):
         width = min(base.out_features, base.in_features)  # k is set first: LoRALinear.__init__ calls adapter_dims
@@ -144,8 +149,7 @@ class CompLoRALinear(LoRALinear):
         return self.base.in_features - self.k, self.base.out_features - self.k
 
     def factors(self):
-        # float32 also under autocast (fp16 products put 2e-4 of the update in the protected directions, fp32 1e-7);
-        # formed once per forward (r x d_in and d_out x r), so the per-token cost equals LoRA's
+        # float32 under autocast too (fp16 leaks 2e-4 of the update into the protected directions); once per forward
         with torch.autocast(self.P_in.device.type, enabled=False):
             return self.lora_A @ self.P_in.t(), self.P_out @ self.lora_B
 
@@ -221,10 +225,9 @@ def _is_lora(key):
 
 def add_adapters(model, layer_class, names=("q_proj", "k_proj", "v_proj"), **layer_args):
     """Wrap every nn.Linear whose own or full dotted name is in `names` as layer_class(linear, name=full name,
-    **layer_args); returns the full names. Every nn.MultiheadAttention with a fused in_proj (OpenAI CLIP, open_clip)
-    first becomes a SplitAttention, so its q_proj, k_proj, v_proj, out_proj can be named. A model that already holds
-    adapters, or where no name matches (or a layer refuses), is refused with a ValueError and left as it was.
-    Split: fused in_proj only (in_proj_weight is None when key or value widths differ), no bias_kv or zero_attn."""
+    **layer_args); returns the full names. Each self-attention nn.MultiheadAttention (fused in_proj, no bias_kv or
+    zero_attn: OpenAI CLIP, open_clip) first becomes a SplitAttention, so q_proj, k_proj, v_proj can be named. A model
+    that holds adapters, or where no name matches (or a layer refuses), is a ValueError and left as it was."""
     names = {names} if isinstance(names, str) else set(names)
     found = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if found:
@@ -264,8 +267,7 @@ def lora_state_dict(model):
 
 
 def load_lora_state_dict(model, state):
-    """Load lora_ tensors (as lora_state_dict gives them) into a model adapted the same way. A missing, extra
-    or differently shaped tensor is a ValueError naming the key and both shapes, raised before any loading."""
+    """Load lora_ tensors into a model adapted the same way; a missing, extra or reshaped one is a ValueError first."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if _is_lora(key)}
     for key in sorted(set(expected) | set(state)):
         theirs = tuple(state[key].shape) if isinstance(state.get(key), torch.Tensor) else None
@@ -279,8 +281,7 @@ def load_lora_state_dict(model, state):
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its weight and put the plain modules back (nn.Linear; nn.MultiheadAttention where
-    add_adapters split one): the original keys, the adapted outputs. Returns the model."""
+    """Merge every adapter and put the plain modules back (nn.Linear, nn.MultiheadAttention): the original keys."""
     for name, module in reversed(list(model.named_modules())):  # children first: adapters before their attention
         if isinstance(module, LoRALinear):
             if not module.merged:

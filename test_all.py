@@ -415,6 +415,65 @@ class TestAdapters(unittest.TestCase):
         layer.eval()
         self.assertTrue(torch.equal(layer(x), layer(x)))
 
+    def test_lora_training_branch_equals_autograd_and_keeps_less(self):
+        # LoRALinear in training runs dropout and A through a Function that keeps x and a 1-byte mask; the
+        # same seed must give the bits of the plain formula, outputs and gradients, under bf16 autocast too
+        def run(layers, plain, seed, precision="fp32"):
+            x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            sizes = []
+
+            def keep(tensor):
+                sizes.append(tensor.numel() * tensor.element_size())
+                return tensor
+            torch.manual_seed(seed)
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), train.autocast(torch.device("cpu"),
+                                                                                             precision):
+                outs = []
+                for layer in layers:
+                    down, up = layer.factors()
+                    if plain:  # the formula of CLIP-LoRA's LinearLoRA, through autograd
+                        dropped = comp_lora.adapter_dropout(x, layer.dropout, True)
+                        outs.append(layer.base(x) + F.linear(F.linear(dropped, down), layer.scaling * up))
+                    else:
+                        outs.append(layer(x))
+            out = sum(o.float().square().sum() for o in outs)
+            out.backward()
+            grads = [x.grad] + [p.grad for layer in layers for p in (layer.lora_A, layer.lora_B)]
+            for p in [x] + [p for layer in layers for p in (layer.lora_A, layer.lora_B)]:
+                p.grad = None
+            return out.detach(), grads, sum(sizes)
+
+        torch.manual_seed(0)
+        layers = [LoRALinear(nn.Linear(16, 12)).train() for _ in range(3)]  # as q, k, v on one input
+        layers.append(comp_lora.CompLoRALinear(nn.Linear(16, 12)).train())
+        randomize_b(layers)
+        for precision in ("fp32", "bf16"):
+            out, grads, kept = run(layers, False, 1, precision)
+            ref, ref_grads, ref_kept = run(layers, True, 1, precision)
+            self.assertTrue(torch.equal(out, ref), precision)
+            for grad, ref_grad in zip(grads[1:], ref_grads[1:]):
+                self.assertTrue(torch.equal(grad, ref_grad), precision)
+            # the input's gradient sums the same terms, in the order the autograd engine meets them
+            self.assertLessEqual(max_rel_err(grads[0], ref_grads[0]), 1e-6)
+            self.assertLess(kept, ref_kept)
+        other, other_grads, _ = run(layers, False, 2)  # other masks: the comparisons above can fail
+        self.assertFalse(torch.equal(other_grads[1], ref_grads[1]))
+
+    def test_quick_gelu_keeps_only_its_input(self):
+        x = torch.randn(4, 64, requires_grad=True)
+        grad = torch.randn(4, 64)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = clip_model.QuickGELU()(x)
+        self.assertEqual(len(kept), 1)
+        self.assertIs(kept[0], x)
+        out.backward(grad)
+        y = x.detach().clone().requires_grad_()
+        ref = y * torch.sigmoid(1.702 * y)  # openai/CLIP's QuickGELU through autograd
+        ref.backward(grad)
+        self.assertTrue(torch.equal(out, ref))
+        self.assertTrue(torch.equal(x.grad, y.grad))
+
     def test_lora_matches_clip_lora_formula(self):
         # CLIP-LoRA (loralib/layers.py, LinearLoRA): W x + b + (dropout(x) @ (B A)^T) * alpha / sqrt(r)
         base = nn.Linear(16, 12)
@@ -812,18 +871,49 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
         other, _ = gradients(2, checkpoint=False)  # another seed, other masks: the comparison above can fail
         self.assertGreater(max(max_rel_err(other[n], g) for n, g in plain.items()), 1e-3)
 
+    def test_checkpointing_some_blocks_and_the_rule_for_how_many(self):
+        tokens = clip_model.tokenize(self.PROMPTS)
+        model, layers = adapted("lora", encoder="text")
+        randomize_b(layers)
+        model.train()
+        weights = self.output_weights(len(tokens))
+        results = []  # (gradients, tensors kept for backward) with 0, 1, 2 and all blocks checkpointed
+        for k in (0, 1, 2, True):
+            kept = []
+            torch.manual_seed(1)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+                _, grads = self.text_gradients(model, lambda t: model.encode_text(t, checkpoint=k), tokens, weights)
+            results.append((grads, len(kept)))
+        counts = [kept for _, kept in results]
+        self.assertEqual(counts, sorted(counts, reverse=True))
+        self.assertEqual(len(set(counts)), 4)
+        for k, (grads, _) in enumerate(results[1:], 1):
+            for name, grad in results[0][0].items():
+                self.assertLessEqual(max_rel_err(grads[name], grad), 1e-6, (k, name))
+        # the rule: none while the estimate fits the budget, then more with more positions, at most all
+        layer_bytes = clip_model.TINY_CONFIG["transformer_width"] * 4
+        ends = torch.zeros(1000, 77, dtype=torch.long)
+        ends[:, 9] = 49407  # 1,000 prompts of 10 positions
+        blocks = [clip_model.text_checkpoint_blocks(model, ends[:n], budget=12 * 3 * 10 * 500 * layer_bytes)
+                  for n in (500, 520, 1000)]
+        self.assertEqual(blocks, [0, 1, 2])  # 500 prompts: 12 values x 3 blocks x 10 positions each, the budget
+        self.assertEqual(clip_model.text_checkpoint_blocks(model, ends, budget=0), 3)
+        self.assertEqual(clip_model.text_checkpoint_blocks(model, ends[:520], element_size=2,
+                                                           budget=12 * 3 * 10 * 500 * layer_bytes), 0)
+
     def test_precision_and_checkpoint_flags(self):
         cpu, cuda = torch.device("cpu"), torch.device("cuda")
         self.assertEqual(train.resolve_precision("auto", cpu), "fp32")
         self.assertEqual(train.resolve_precision("auto", cuda), "fp16")
         self.assertEqual(train.resolve_precision("bf16", cpu), "bf16")
         self.assertEqual(train.parse_args([]).precision, "auto")
-        short = torch.zeros(455, 77, dtype=torch.long)
-        short[:, 8] = 49407  # 455 prompts ending at position 8: 4,095 positions
-        self.assertFalse(train.text_checkpointing("auto", short))
-        self.assertTrue(train.text_checkpointing("auto", torch.cat([short, short[:1]])))
-        self.assertTrue(train.text_checkpointing("on", short[:1]))
-        self.assertFalse(train.text_checkpointing("off", torch.cat([short, short])))
+        model, tokens = tiny(), torch.zeros(4, 77, dtype=torch.long)
+        tokens[:, 8] = 49407
+        with mock.patch.object(clip_model, "text_checkpoint_blocks", return_value=2) as rule:
+            self.assertEqual(train.text_checkpointing("auto", model, tokens, "fp16"), 2)
+        rule.assert_called_once_with(model, tokens, element_size=2)
+        self.assertIs(train.text_checkpointing("on", model, tokens, "fp32"), True)
+        self.assertIs(train.text_checkpointing("off", model, tokens, "fp32"), False)
 
     def fp16_training(self, **scaler_options):
         """Train the tiny model for 4 iterations with --precision fp16 on CPU through train.train.
@@ -1952,7 +2042,7 @@ class TestCommandLine(unittest.TestCase):
             (["--method", "dora"], "--method 'dora': expected one of lora, comp, block"),
             (["--dataset", "mnist"], "--dataset 'mnist': expected one of eurosat, dtd"),
             (["--eval_datasets", "dtd,mnist"], "--eval_datasets 'mnist': expected one of"),
-            (["--dataset", "imagenet_a"], "--dataset imagenet_a: an evaluation-only dataset"),
+            (["--dataset", "imagenet_a"], "--dataset imagenet_a: evaluation only (no train split)"),
             (["--shots", "0"], "--shots 0: expected a positive integer"),
             (["--shots", "four"], "argument --shots: invalid int value: 'four'", 2),
             (["--n_iters", "-3"], "--n_iters -3: expected a positive integer"),

@@ -67,8 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--export_merged", default="", metavar="FILE", help="also write CLIP with the adapters merged")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA")
-    p.add_argument("--text_checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute the text "
-                   "tower in backward instead of storing it; auto: on above 4096 prompt positions (ImageNet: 9,165)")
+    p.add_argument("--text_checkpoint", default="auto", choices=["auto", "on", "off"], help="recompute text blocks "
+                   "in backward, not storing them; auto: enough to keep 2 GiB of activations (ImageNet: 3 of 12)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
     p.add_argument("--print_every", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--checkpoint_every", type=int, default=500, help="iterations between checkpoints; 0: none")
@@ -101,15 +101,13 @@ def check_args(args):
         if name not in data.DATASETS and name != "synthetic":
             raise UserError(f"--{flag} {name!r}: expected one of {', '.join(data.DATASETS)}, synthetic")
     if data.DATASETS.get(args.dataset) and data.DATASETS[args.dataset].eval_only:
-        raise UserError(f"--dataset {args.dataset}: an evaluation-only dataset (no train split); "
-                        "use it in --eval_datasets")
-    numbers = [(flag, lambda n: n >= 1, "a positive integer") for flag in ("shots", "n_iters", "batch_size", "r",
-                                                                           "blocks", "print_every")]
+        raise UserError(f"--dataset {args.dataset}: evaluation only (no train split); use it in --eval_datasets")
+    counts, shares = ("shots", "n_iters", "batch_size", "r", "blocks", "print_every"), ("dropout_rate", "comp_ratio")
+    numbers = [(flag, lambda n: n >= 1, "a positive integer") for flag in counts]
     numbers += [(flag, lambda n: n >= 0, "0 or more") for flag in ("workers", "checkpoint_every")]
-    numbers += [("seed", lambda n: 0 <= n <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
-                ("lr", lambda lr: lr > 0, "a positive number"), ("alpha", lambda a: a != 0, "a finite number other "
-                                                                 "than 0")]
-    numbers += [(flag, lambda share: 0 <= share < 1, "a number in [0, 1)") for flag in ("dropout_rate", "comp_ratio")]
+    numbers += [("seed", lambda n: 0 <= n <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"), ("lr", lambda lr: lr > 0,
+                "a positive number"), ("alpha", lambda a: a != 0, "a finite number other than 0")]
+    numbers += [(flag, lambda share: 0 <= share < 1, "a number in [0, 1)") for flag in shares]
     for flag, valid, expected in numbers:
         if not (math.isfinite(getattr(args, flag)) and valid(getattr(args, flag))):
             raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
@@ -186,13 +184,10 @@ def class_prompts(classnames, template):
         raise UserError(f"class prompt {error}; shorten that class name") from None
 
 
-TEXT_CHECKPOINT_POSITIONS = 4096  # --text_checkpoint auto: our threshold, from bench.py --imagenet (README, Cost)
-
-
-def text_checkpointing(mode, tokens):
-    """--text_checkpoint for these prompts: on, off, or auto = on above TEXT_CHECKPOINT_POSITIONS positions."""
+def text_checkpointing(mode, model, tokens, precision):
+    """encode_text's checkpoint: on (every text block), off, or auto (clip_model.text_checkpoint_blocks' budget)."""
     if mode == "auto":
-        return int((tokens.argmax(dim=-1) + 1).sum()) > TEXT_CHECKPOINT_POSITIONS  # each prompt up to its end token
+        return clip_model.text_checkpoint_blocks(model, tokens, element_size=4 if precision == "fp32" else 2)
     return mode == "on"
 
 
@@ -206,16 +201,12 @@ def text_features(model, tokens, device, precision, checkpoint=False):
 @torch.no_grad()
 def image_features(model, loader, device, precision):
     """Normalised image features and labels of a whole loader."""
-    features, labels = [], []
+    features, labels, cuda = [], [], device.type == "cuda"  # the loaders pin memory for CUDA only: copies overlap
     for images, target in loader:
         with autocast(device, precision):
-            features.append(F.normalize(model.encode_image(to(images, device)).float(), dim=-1))
-        labels.append(to(target, device))
+            features.append(F.normalize(model.encode_image(images.to(device, non_blocking=cuda)).float(), dim=-1))
+        labels.append(target.to(device, non_blocking=cuda))
     return torch.cat(features), torch.cat(labels)
-
-
-def to(tensor, device):
-    return tensor.to(device, non_blocking=device.type == "cuda")  # the loaders pin memory on CUDA only
 
 
 @torch.no_grad()
@@ -249,8 +240,9 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     # fp16 needs loss scaling against gradient underflow, and skips a step whose gradients overflowed (official
     # lora.py; GradScaler's defaults); bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    pinned = device.type == "cuda"  # pinned memory (CUDA only) lets the copies to the device overlap
     loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
-                              shuffle=True, workers=args.workers, seed=args.seed, pin_memory=device.type == "cuda")
+                              shuffle=True, workers=args.workers, seed=args.seed, pin_memory=pinned)
     parts, iteration, skipped = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, 0, 0
     if resume:
         comp_lora.load_lora_state_dict(model, resume["lora"])
@@ -260,7 +252,7 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
         loader.sampler.passes, batches = divmod(iteration, len(loader))
         loader.sampler.skip = batches * args.batch_size
     tokens = class_prompts(dataset.classnames, dataset.template[0]).to(device)
-    checkpoint = text_checkpointing(args.text_checkpoint, tokens)
+    checkpoint = text_checkpointing(args.text_checkpoint, model, tokens, precision)
     if args.encoder == "vision":  # the text tower is frozen: its features never change
         with torch.no_grad():
             fixed_text = text_features(model, tokens, device, precision)
@@ -271,7 +263,7 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     STOP.update(deferred=True, signal=None)  # from here a signal waits for the end of the step under way
     try:
         for images, target in itertools.islice(passes(loader), total - iteration):
-            images, target = to(images, device), to(target, device)
+            images, target = images.to(device, non_blocking=pinned), target.to(device, non_blocking=pinned)
             text = fixed_text if args.encoder == "vision" else text_features(model, tokens, device, precision,
                                                                               checkpoint)
             with autocast(device, precision), torch.set_grad_enabled(args.encoder != "text"):
@@ -351,10 +343,9 @@ def run(args):
             return None
     resume = args.resume and not evaluate_only and results.read_checkpoint(out + results.CHECKPOINT,
                                                                             dict(identity, seed=args.seed))
-    # What a seed fixes: the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset),
-    # and our own training randomness: lora_A's initialisation and the dropout masks (torch's global stream,
-    # seeded here; nothing else draws from it), shuffling and crops (generators seeded per pass and sample,
-    # data.make_loader). It does not replay the official code's streams for those (CLIP-LoRA run_utils.py).
+    # A seed fixes the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset) and our own
+    # training randomness: lora_A and the dropout masks (torch's global stream, seeded here, drawn from by nothing
+    # else), shuffles and crops (data.make_loader); not the official code's streams for those (run_utils.py).
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dataset, novel, others = data.build_datasets(args.dataset, args.eval_datasets, args.root, args.shots, args.seed,
@@ -372,12 +363,11 @@ def run(args):
     plain_others = {name: zero_shot_accuracy(model, ds, ds.zeroshot_template, preprocess, args, device)
                     for name, ds in others.items()}
 
-    seconds = 0.0
     if evaluate_only:
         load_adapters(adapter_path, model, config)
         print(f"evaluating {adapter_path}")
-    else:
-        seconds = train(model, dataset, args, device, model.visual.input_resolution, identity, resume)
+    seconds = 0.0 if evaluate_only else train(model, dataset, args, device, model.visual.input_resolution, identity,
+                                              resume)
     adapter = results.adapter_file(config, comp_lora.lora_state_dict(model))
     for layer in layers:  # evaluating through merged weights costs no adapter branch (same accuracy, a test shows)
         layer.merge()
