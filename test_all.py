@@ -430,8 +430,8 @@ class TestAdapters(unittest.TestCase):
                                                                                              precision):
                 outs = []
                 for layer in layers:
-                    down, up = layer.factors()
                     if plain:  # the formula of CLIP-LoRA's LinearLoRA, through autograd
+                        down, up = layer.factors()
                         dropped = comp_lora.adapter_dropout(x, layer.dropout, True)
                         outs.append(layer.base(x) + F.linear(F.linear(dropped, down), layer.scaling * up))
                     else:
