@@ -94,7 +94,7 @@ def save(path, content, log=None, before_commit=None):
             os.replace(staged, path)  # a file replaces atomically; a folder takes the place of the one set aside
             swapped, current = True, log[0] if log else path
     except BaseException as error:
-        if swapped and os.path.lexists(aside):  # the log refused the line: take the new set back out
+        if swapped and not callable(content):  # the log refused the line: take the new set back out
             shutil.rmtree(path, ignore_errors=True)
         if os.path.lexists(aside) and not os.path.lexists(path):
             os.replace(aside, path)

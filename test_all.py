@@ -1833,6 +1833,11 @@ class TestTrain(WithSyntheticData):
                     break
             self.assertGreater(outcomes.count(True), 5, error)  # faults before the commit keep the old set
             self.assertFalse(outcomes[-1], error)
+        first = os.path.join(faults, "first")  # a first save whose log line fails leaves no folder behind
+        with mock.patch("os.write", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaisesRegex(results.UserError, "results.jsonl: cannot write"):
+                results.save(first, {"adapter.pt": lambda f: f.write(b"a")}, log=(log, "line\n"))
+        self.assertFalse(os.path.lexists(first))
 
     def test_a_kill_at_any_rename_leaves_a_whole_set(self):
         """SIGKILL at the k-th rename of a save: the folder holds the old or the new set, and the next run's
