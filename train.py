@@ -262,7 +262,9 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     model.train()
     STOP.update(deferred=True, signal=None)  # from here a signal waits for the end of the step under way
     try:
-        for images, target in itertools.islice(passes(loader), total - iteration):
+        # pass after pass over the data, each shuffled anew (data.PassSampler), up to the last iteration
+        for images, target in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)),
+                                               total - iteration):
             images, target = images.to(device, non_blocking=pinned), target.to(device, non_blocking=pinned)
             text = fixed_text if args.encoder == "vision" else text_features(model, tokens, device, precision,
                                                                               checkpoint)
@@ -304,12 +306,6 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     finally:
         STOP["deferred"] = False
     return time.time() - start
-
-
-def passes(loader):
-    """The batches of pass after pass over the data, each pass shuffled anew (data.PassSampler)."""
-    while True:
-        yield from loader
 
 
 # ------------------------------------------------------------------------------------ runs
