@@ -1,10 +1,7 @@
-"""OpenAI CLIP (ViT image and text transformers) in one file, loading OpenAI's released weights.
-
-Public names as openai/CLIP (`load`, `available_models`, `tokenize`, `encode_image`, `encode_text`, `logit_scale`).
-For adapters and speed, attention is four nn.Linear per block (q/k/v/out_proj; the fused `in_proj_weight` is split
-on load) run by scaled_dot_product_attention, and `encode_text` runs each group of prompts only up to its own last
-end-of-text token (exact, see there). Architecture: Radford et al. 2021 ("Learning Transferable Visual Models From
-Natural Language Supervision") and openai/CLIP `model.py`; every size is read from the checkpoint's tensor shapes."""
+"""OpenAI CLIP (ViT image and text transformers) in one file, loading OpenAI's released weights; public names as
+openai/CLIP's. Architecture: Radford et al. 2021 (arXiv 2103.00020) and openai/CLIP `model.py`, every size read from
+the checkpoint's tensor shapes. Ours: attention is four nn.Linear per block (q/k/v/out_proj, so adapters can wrap
+each; the fused `in_proj_weight` is split on load), and `encode_text` stops each prompt group at its last token."""
 import contextlib
 import gzip
 import hashlib
@@ -43,9 +40,8 @@ class LoadError(ValueError):
 
 
 class _QuickGELU(torch.autograd.Function):
-    """x * sigmoid(1.702 x), keeping only x for backward: autograd would also keep the sigmoid, as large (the
-    block's widest activation). Backward recomputes it and applies autograd's own formulas, so the gradients
-    are bit-identical."""
+    """x * sigmoid(1.702 x) keeping only x for backward (autograd would also keep the sigmoid, the block's widest
+    activation); backward recomputes it and applies autograd's own formulas: bit-identical gradients."""
 
     @staticmethod
     def forward(ctx, x):
@@ -142,21 +138,17 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0, :]) @ self.proj  # class token -> (n, output_dim)
 
 
-# The fixed cost of running one more length group through the text tower (its ~50 operations per block,
-# forward and backward), in token positions of compute. Our choice, from a measurement on CPU (ViT-B/16 text
-# tower with LoRA, forward and backward, 1 prompt against 32 and 128 prompts: 30 to 45 positions on 2 cores);
-# on CUDA an estimate, unmeasured: small kernels there are launch-bound, so few large groups. Only speed
-# depends on it: every grouping gives the same features.
+# The fixed cost of one more length group through the text tower, in token positions of compute; only speed depends
+# on it. Our choice: on CPU measured (ViT-B/16 text tower with LoRA, forward and backward: 30 to 45 positions on 2
+# cores); on CUDA an unmeasured estimate (small kernels are launch-bound there, so few large groups).
 GROUP_COST = {"cpu": 32, "cuda": 4096}
 
 
 def length_groups(eot, cost):
     """Row indices (LongTensor each) of the groups `encode_text` runs, from end-of-text positions (n,).
 
-    Prompts are grouped by end-of-text position, longest first; a shorter group joins the current one while
-    the padding it would add there (its rows x the difference in length) costs less than `cost` positions,
-    the price of running it separately. cost=0: one group per length; cost=inf: one group (one truncation).
-    """
+    Longest first, a shorter length joins the current group while the padding it adds (rows x length difference)
+    costs less than `cost` positions. cost=0: one group per length; cost=inf: one group (one truncation)."""
     lengths, counts = torch.unique(eot, return_counts=True)  # ascending
     groups, group_length = [], None
     for length, count in zip(lengths.tolist()[::-1], counts.tolist()[::-1]):
@@ -168,9 +160,8 @@ def length_groups(eot, cost):
     return [torch.isin(eot, torch.tensor(members, device=eot.device)).nonzero().squeeze(1) for members in groups]
 
 
-# --text_checkpoint auto: what the text tower may keep for the backward pass, in bytes. Our choice, from
-# bench.py --sections peft: at ImageNet's 1,000 prompts on CPU (float32) it checkpoints 3 of the 12 blocks;
-# in fp16 on a GPU it fits without checkpointing.
+# --text_checkpoint auto: the bytes the text tower may keep for backward. Our choice (bench.py --sections peft):
+# ImageNet's 1,000 prompts checkpoint 3 of 12 blocks in float32, none in fp16.
 TEXT_ACTIVATION_BUDGET = 2 * 2 ** 30
 
 
@@ -221,12 +212,10 @@ class CLIP(nn.Module):
     def encode_text(self, tokens, checkpoint=False, group_cost=None):
         """Unnormalised text features, (n, embed_dim), from `tokenize` output (n, context_length).
 
-        Exact truncation: with the causal mask, position i only sees positions <= i, and the feature is read
-        at each row's end-of-text token (its highest id), so the positions after it can change nothing. The
-        prompts are grouped by end-of-text position (`length_groups`, `group_cost` as there), each group runs
-        only up to its own longest prompt, and the features come back in the input order.
-        checkpoint=True recomputes the text tower's activations in the backward pass instead of storing them.
-        """
+        Exact truncation: under the causal mask position i sees only positions <= i, and the feature is read at
+        each row's end-of-text token (its highest id), so later positions change nothing. Each group of prompts
+        (`length_groups`, `group_cost` as there) runs up to its longest one; features come back in input order.
+        checkpoint: as Transformer.forward's."""
         eot = tokens.argmax(dim=-1)  # (n,)
         cost = GROUP_COST.get(tokens.device.type, GROUP_COST["cuda"]) if group_cost is None else group_cost
         groups = length_groups(eot, cost)
@@ -372,9 +361,8 @@ def load(name_or_path, device="cpu", download_root=None):
     if name_or_path == "tiny":
         model = build_random(**TINY_CONFIG)
     elif name_or_path in _MODELS or os.path.isfile(name_or_path):
-        path = name_or_path
-        if name_or_path in _MODELS:
-            path = _download(name_or_path, download_root or os.path.expanduser("~/.cache/clip"))
+        path = (_download(name_or_path, download_root or os.path.expanduser("~/.cache/clip"))
+                if name_or_path in _MODELS else name_or_path)
         model = build_model(_read_state_dict(path), source=path)
     else:
         raise LoadError(f"unknown model {name_or_path!r}: expected one of {available_models()} "
@@ -403,14 +391,11 @@ def preprocess(resolution):
 
 
 def _position_blocks(position, depth):
-    """Block indices of CLIP-LoRA's position names, as fractions of the depth (our rule).
-
-    It gives exactly the official tables (MaxZanella/CLIP-LoRA loralib/utils.py, INDEX_POSITIONS_TEXT and _VISION,
-    commit 358f0d7): 12 blocks (every text tower; the vision tower of ViT-B/16 and ViT-B/32): bottom 0-3, mid 4-7,
-    up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11, all 0-11; ViT-L/14's 24 vision blocks: half-bottom 0-11,
-    half-up 12-23, all 0-23 (its commit e6bf706; before, the 12-block lists, with all = 0-20). Ours extends them
-    where the official apply_lora stops with a KeyError: top3 on the ViT-B/32 vision tower; bottom 0-7, mid 8-15,
-    up 16-23, top3 21-23 on ViT-L/14's; every position on ViT-L/14@336px's vision tower (no official table)."""
+    """Block indices of CLIP-LoRA's position names as fractions of the depth (our rule), giving exactly the official
+    tables (MaxZanella/CLIP-LoRA loralib/utils.py INDEX_POSITIONS_TEXT/_VISION, commit 358f0d7; ViT-L/14's since
+    e6bf706): at 12 blocks bottom 0-3, mid 4-7, up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11; at 24 half-bottom
+    0-11, half-up 12-23, all 0-23. Where apply_lora has no entry (KeyError) ours goes on: top3 on ViT-B/32's vision
+    tower; bottom 0-7, mid 8-15, up 16-23, top3 21-23 on ViT-L/14's; every position on ViT-L/14@336px's."""
     ranges = {"all": (0, depth), "bottom": (0, depth // 3), "mid": (depth // 3, 2 * depth // 3),
               "up": (2 * depth // 3, depth), "half-up": (depth // 2, depth), "half-bottom": (0, depth // 2),
               "top3": (max(depth - 3, 0), depth)}

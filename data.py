@@ -3,21 +3,19 @@
 The protocol is CLIP-LoRA's (MaxZanella/CLIP-LoRA `main.py`, `datasets/*.py`), whose dataset code comes from CoOp
 (KaiyangZhou/CoOp `datasets/*.py`) and Dassl (`dassl/data/datasets/base_dataset.py`):
 
-- Seed: CLIP-LoRA `main.py` seeds (`run_utils.py` set_random_seed: random, numpy, torch), then builds the dataset
-  with no `random` draw between; `build_dataset` calls `random.seed(seed)` there, then makes the same draws.
+- Seed: CLIP-LoRA `main.py` seeds (`run_utils.py` set_random_seed), then builds the dataset with no `random` draw
+  between; `build_dataset` calls `random.seed(seed)` there, then makes the same draws.
 - Draw (`DatasetBase.generate_fewshot_dataset`, CLIP-LoRA `datasets/utils.py`): items grouped by label in order of
-  first appearance (`split_dataset_by_label`), then per group `random.sample(group, shots)`, or for a smaller group
-  `random.choices(group, k=shots)` (CLIP-LoRA keeps Dassl's old default repeat=True; newer Dassl keeps the group).
+  first appearance (`split_dataset_by_label`), per group `random.sample(group, shots)`, or for a smaller group
+  `random.choices(group, k=shots)` (Dassl's old default repeat=True, kept by CLIP-LoRA).
 - Order: CLIP-LoRA draws val (min(shots, 4) per class) BEFORE train in every dataset but ImageNet (e.g.
-  `datasets/eurosat.py`); CoOp draws train first (CoOp `datasets/eurosat.py`): other images. We follow CLIP-LoRA.
-- ImageNet (CLIP-LoRA `datasets/imagenet.py`): per class of the train folder (listed as torchvision's ImageFolder
-  does), in label order, one `random.sample(items, shots + min(shots, 4))`: the first `shots` are train, the rest
-  val; test is the official val folder. Class names: CoOp's classnames.txt if present, else imagenet_classes.txt
-  (CLIP's names; CLIP-LoRA's `imagenet_classes` names label i, the i-th sorted wnid: we look them up by wnid).
-- Prompts: every CLIP-LoRA dataset sets `template = ['a photo of a {}.']` (CoOp's per-dataset prompts left there in
-  comments); CoOp's zero-shot prompts are CoOp `trainers/zsclip.py` CUSTOM_TEMPLATES. Both replace '_' by ' ' in a
-  prompt (CLIP-LoRA `utils.py` clip_classifier and `lora.py`; CoOp zsclip.py): `classnames` have it done already.
-- Base/new split (CoCoOp; CoOp `datasets/oxford_pets.py` subsample_classes, after the few-shot draw): sorted labels,
+  `datasets/eurosat.py`); CoOp draws train first, so other images. We follow CLIP-LoRA.
+- ImageNet (CLIP-LoRA `datasets/imagenet.py`): per class of the train folder (ImageFolder's order), one
+  `random.sample(items, shots + min(shots, 4))`: the first `shots` train, the rest val; test is the official val
+  folder. Names: CoOp's classnames.txt if present, else imagenet_classes.txt (CLIP's names, looked up by wnid).
+- Prompts: CLIP-LoRA's `template = ['a photo of a {}.']` in every dataset; zero-shot: CoOp `trainers/zsclip.py`
+  CUSTOM_TEMPLATES. Both put ' ' for '_' (CLIP-LoRA `utils.py` clip_classifier, `lora.py`): `classnames` have it.
+- Base/new split (CoCoOp; CoOp `datasets/oxford_pets.py` subsample_classes, after the draw): sorted labels,
   m = ceil(n / 2), base = the first m, new = the rest, relabelled 0..; the same in train, val and test.
 """
 import hashlib
@@ -132,8 +130,8 @@ class FewShotData:
 
 
 # ------------------------------------------------------------------------------------------ reading
-# A reader (dataset folder, image folder, name, spec, test_only) -> (classnames, train, val, test); with test_only,
-# train may be None (not listed: an evaluation-only use of ImageNet skips 1.28M files). Messages leave the flag out.
+# A reader (dataset folder, image folder, name, spec, test_only) -> (classnames, train, val, test); train may be None
+# with test_only (evaluating on ImageNet need not list 1.28M files). Messages leave the flag out.
 
 
 def _existing(base, candidates, name, what="folder"):
@@ -382,13 +380,9 @@ def build_datasets(name, test_names, root, shots, seed, subsample="all", demo_ro
 
 def train_transform(size):
     """CLIP-LoRA main.py's training augmentation, for images of `size` pixels."""
-    from torchvision import transforms  # here, so that flag errors need not wait for torchvision to import
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.08, 1), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-    ])
+    from torchvision import transforms as T  # here, so that flag errors need not wait for torchvision to import
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(p=0.5), T.ToTensor(), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
 
 
 def _sample_seed(*numbers):
