@@ -445,9 +445,7 @@ def read_results(directory):
 
 
 def setting_text(value, none="none"):
-    if value is None:
-        return none
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return none if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def summary_groups(records):
