@@ -1,12 +1,10 @@
-"""Block-LoRA layer around a frozen nn.Linear: LoRA with a shared, repeated down-projection. Copy it with
-comp_lora.py (its base class LoRALinear, and add_adapters and the other functions); depends on torch alone.
-"One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning",
-arXiv 2501.16720. Confirmed (abstract): LoRA's low-rank matrices are partitioned into sub-matrices, all
-down-projection sub-matrices are shared, some products become additions, with fewer parameters and less
-compute than LoRA. Our reconstruction (only the abstract is public to us): split A by input columns into n
-blocks and share them, A = [A_s A_s ... A_s]; then A x = A_s (x_1 + ... + x_n) with x_j the n equal chunks of
-x, so the down-projection of n chunks becomes n - 1 additions and one r x (d_in / n) product (flag `blocks`).
-"""
+"""Block-LoRA around a frozen nn.Linear: LoRA with one shared, repeated down-projection block. Copy it with comp_lora.py
+(its base class LoRALinear, add_adapters and the other functions); the two need torch alone.
+"One Head Eight Arms: Block Matrix based Low Rank Adaptation for CLIP-based Few-Shot Learning", arXiv 2501.16720.
+Confirmed (abstract): LoRA's matrices are partitioned into sub-matrices, all down-projection ones shared, some
+products become additions, with fewer parameters and less compute than LoRA. Our reconstruction (only the abstract
+is public to us): A = [A_s ... A_s] by input columns, so A x = A_s (x_1 + ... + x_n) over the n equal chunks of x:
+n - 1 additions and one r x (d_in / n) product instead of the down-projection of n chunks (flag `blocks`)."""
 import torch.nn.functional as F
 from torch import nn
 

@@ -478,9 +478,7 @@ class Tokenizer:
         return ids
 
 
-@lru_cache(maxsize=1)
-def _tokenizer():
-    return Tokenizer()
+_tokenizer = lru_cache(maxsize=1)(Tokenizer)  # one Tokenizer, read from the vocabulary file at the first tokenize
 
 
 def tokenize(texts, context_length=77, truncate=False):
