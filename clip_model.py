@@ -392,10 +392,11 @@ def preprocess(resolution):
 
 def _position_blocks(position, depth):
     """Block indices of CLIP-LoRA's position names as fractions of the depth (our rule), giving exactly the official
-    tables (MaxZanella/CLIP-LoRA loralib/utils.py INDEX_POSITIONS_TEXT/_VISION, commit 358f0d7; ViT-L/14's since
-    e6bf706): at 12 blocks bottom 0-3, mid 4-7, up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11; at 24 half-bottom
-    0-11, half-up 12-23, all 0-23. Where apply_lora has no entry (KeyError) ours goes on: top3 on ViT-B/32's vision
-    tower; bottom 0-7, mid 8-15, up 16-23, top3 21-23 on ViT-L/14's; every position on ViT-L/14@336px's."""
+    tables (MaxZanella/CLIP-LoRA loralib/utils.py INDEX_POSITIONS_TEXT/_VISION, commit 358f0d7): at 12 blocks (text
+    towers, ViT-B vision towers) bottom 0-3, mid 4-7, up 8-11, half-bottom 0-5, half-up 6-11, top3 9-11, all 0-11; at
+    ViT-L/14's 24 (since e6bf706; all was 0-20 before) half-bottom 0-11, half-up 12-23, all 0-23. Where apply_lora has
+    no entry (KeyError) ours goes on: top3 on ViT-B/32's vision tower; bottom 0-7, mid 8-15, up 16-23, top3 21-23 on
+    ViT-L/14's; every position on ViT-L/14@336px's."""
     ranges = {"all": (0, depth), "bottom": (0, depth // 3), "mid": (depth // 3, 2 * depth // 3),
               "up": (2 * depth // 3, depth), "half-up": (depth // 2, depth), "half-bottom": (0, depth // 2),
               "top3": (max(depth - 3, 0), depth)}

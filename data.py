@@ -309,10 +309,8 @@ def _draw_imagenet(train, shots, classnames):
 
 def subsample_classes(classnames, splits, subsample):
     """CoCoOp's base/new rule (CoOp datasets/oxford_pets.py subsample_classes, see the top) -> (classnames, splits)."""
-    if subsample == "all":
-        return classnames, splits
     m = math.ceil(len(classnames) / 2)
-    kept = range(m) if subsample == "base" else range(m, len(classnames))
+    kept = {"all": range(len(classnames)), "base": range(m), "new": range(m, len(classnames))}[subsample]
     new_label = {label: index for index, label in enumerate(kept)}
     return ([classnames[label] for label in kept],
             [[(path, new_label[label]) for path, label in split if label in new_label] for split in splits])
