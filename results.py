@@ -237,43 +237,62 @@ def check_run_identity(folder, config, overwrite, skip_done=False):
     return skip_done and not differing and os.path.isfile(files[1])
 
 
-def read_checkpoint(path, config):
-    """The state in the checkpoint of this exact `config` (with the seed); None if none; else a UserError."""
+def read_checkpoint(path, config, device):
+    """The state in the checkpoint of this exact `config` (with the seed), written by a run on a device of
+    this kind; None if none; else a UserError."""
     if not os.path.isfile(path):
         print(f"no checkpoint {path}: starting from the beginning")
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         differing = difference(dict(state["config"]), config, sorted(set(config) | set(state["config"])))
+        written_on = state["rng"]["device"]
     except Exception as error:
         raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); "
                         "delete it to start anew") from None
     if differing:
         raise UserError(f"{path}: a checkpoint with {differing}; run without --resume to start anew")
+    if written_on != device.type:  # the dropout masks come from that device's random stream
+        raise UserError(f"{path}: written by a run on {written_on}, this run is on {device.type}; resume "
+                        f"with --device {written_on}, or run without --resume to start anew")
     print(f"resuming {path} at iteration {state['iteration']}")
     return state
 
 
-def write_checkpoint(path, config, progress, lora, parts):
+def device_rng_state(device):
+    """The random state of the run's accelerator, which draws the dropout masks there (None on the CPU, whose
+    stream torch.get_rng_state holds)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.mps.get_rng_state() if device.type == "mps" else None
+
+
+def set_device_rng_state(state, device):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
+def write_checkpoint(path, config, progress, lora, parts, device):
     """What continues a run exactly: `config` (with the seed), `progress` ({"iteration": ...}), its lora_ tensors, the
-    states of `parts` ({"optimizer": AdamW, ...}) and of every random stream training draws from (torch's, CUDA's,
-    Python's), as CPU tensors (a file that loads anywhere), written all or nothing."""
+    states of `parts` ({"optimizer": AdamW, ...}) and of every random stream training draws from (torch's, Python's,
+    the run device's), as CPU tensors (a file that loads anywhere), written all or nothing."""
     state = {"config": config, **progress, "lora": lora, **{name: part.state_dict() for name, part in parts.items()},
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}}
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "device": device.type,
+                     "device_state": device_rng_state(device)}}
     state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # a copy: the
                                    for index, moments in state["optimizer"]["state"].items()}  # optimizer's stay
     save(path, lambda f: torch.save(state, f))
 
 
-def restore_checkpoint(state, parts):
+def restore_checkpoint(state, parts, device):
     """Put `parts` and the random streams back as `write_checkpoint` saved them."""
     for name, part in parts.items():
         part.load_state_dict(state[name])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_device_rng_state(state["rng"]["device_state"], device)
 
 
 # ----------------------------------------------------------------------------------- adapter files

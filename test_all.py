@@ -490,12 +490,9 @@ class TestAdapters(unittest.TestCase):
         # fused update must give the same logits as our unmerged adapters.
         model, layers = adapted("lora", ("q", "k", "v", "o"))
         randomize_b(layers)
-        merged = copy.deepcopy(model)
-        for layer in [m for m in merged.modules() if isinstance(m, LoRALinear)]:
-            layer.merge()
+        merged = comp_lora.merge_and_unload(copy.deepcopy(model))  # W + s B A in plain nn.Linear
         ref = RefCLIP(clip_model.TINY_CONFIG)
-        plain = {k.replace(".base.", "."): v for k, v in merged.state_dict().items() if ".lora_" not in k}
-        ref.load_state_dict(clip_model.fuse_attention(plain), strict=True)
+        ref.load_state_dict(clip_model.fuse_attention(merged.state_dict()), strict=True)
         ours = features(model.eval(), self.images, self.tokens)
         theirs = torch.cat([F.normalize(ref.encode_image(self.images), dim=-1),
                             F.normalize(ref.encode_text(self.tokens), dim=-1)]).detach()
@@ -651,35 +648,6 @@ class TestAdapterFunctions(unittest.TestCase):
             comp_lora.add_adapters(trained, layer_class, names=["q_proj"], **extra)
             self.assertTrue(trained.q_proj.training and adapters[0].dropout == 0.5)
 
-    def test_a_merged_state_is_never_applied_twice(self):
-        def adapted_model():
-            torch.manual_seed(3)
-            model = tiny()
-            comp_lora.add_adapters(model, CompLoRALinear)
-            return model
-        model = fill_b(adapted_model())
-        unmerged = features(model, self.images, self.tokens)
-        for layer in (m for m in model.modules() if isinstance(m, LoRALinear)):
-            layer.merge()
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
-        buffer.seek(0)
-        state = torch.load(buffer, weights_only=True)
-        fresh = adapted_model()  # unmerged adapters, lora_B zero
-        fresh.load_state_dict(state, strict=True)
-        self.assertTrue(all(m.merged for m in fresh.modules() if isinstance(m, LoRALinear)))
-        self.assertLessEqual(max_rel_err(features(fresh, self.images, self.tokens), unmerged), 1e-5)
-        with self.assertRaisesRegex(ValueError, r"is merged: unmerge\(\) it before loading"):
-            comp_lora.load_lora_state_dict(fresh, comp_lora.lora_state_dict(model))
-        for layer in (m for m in fresh.modules() if isinstance(m, LoRALinear)):
-            layer.unmerge()  # W back, the update now from the adapter branch alone
-        self.assertLessEqual(max_rel_err(fresh.visual.transformer.resblocks[0].attn.q_proj.base.weight,
-                                         tiny().visual.transformer.resblocks[0].attn.q_proj.weight), 1e-6)
-        self.assertLessEqual(max_rel_err(features(fresh, self.images, self.tokens), unmerged), 1e-5)
-        fresh.load_state_dict(adapted_model().state_dict(), strict=True)  # an unmerged state into merged layers
-        model.load_state_dict(fresh.state_dict(), strict=True)
-        self.assertFalse(any(m.merged for m in model.modules() if isinstance(m, LoRALinear)))
-
     def test_lora_state_dict_round_trip_and_trainable_parameters(self):
         model = fill_b(openai_style())  # no adapters yet: fill_b finds none
         comp_lora.add_adapters(model, BlockLoRALinear, names=("q_proj", "visual.transformer.resblocks.1.attn.out_proj"))
@@ -704,7 +672,7 @@ class TestAdapterFunctions(unittest.TestCase):
                   r"\['c_fc', 'c_proj', 'k_proj', 'out_proj', 'q_proj', 'v_proj'\]$"),
                  ((BlockLoRALinear,), dict(blocks=5), r"^visual\.transformer\.resblocks\.0\.attn\.q_proj: input size "
                   r"128 is not divisible by blocks=5$"),
-                 ((LoRALinear,), dict(r=0), r"^visual\.transformer\.resblocks\.0\.attn\.q_proj: rank r=0")]
+                 ((LoRALinear,), dict(r=0), r"^visual\.transformer\.resblocks\.0\.attn\.q_proj: r=0: expected a positive integer$")]
         for args, kwargs, message in cases:
             with self.assertRaisesRegex(ValueError, message):
                 comp_lora.add_adapters(model, *args, **kwargs)
@@ -788,6 +756,234 @@ class TestAdapterFunctions(unittest.TestCase):
         for layer_class in (LoRALinear, CompLoRALinear, BlockLoRALinear):
             parameters = inspect.signature(layer_class).parameters
             self.assertEqual([p for p in parameters if p in common], list(common), layer_class)
+
+
+# --------------------------------------------------------- the layer files in a client's code
+
+class ClientBlock(nn.Module):
+    """A Hugging Face-style attention block with q_proj, k_proj, v_proj, out_proj as nn.Linear, as a
+    client's model has them: what the copied layer files meet outside this project."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.fc = (nn.Linear(width, width)
+                                                                          for _ in range(5))
+
+    def forward(self, x):  # (n, length, width)
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return x + self.fc(torch.relu(self.out_proj(y)))
+
+
+def client_model(seed, method="comp", adapt=True):
+    """Two ClientBlocks (weights drawn from `seed`) with `method`'s adapters on all four projections."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(ClientBlock(), ClientBlock()).eval()
+    if adapt:
+        layer_class, extra = LAYERS[method]
+        comp_lora.add_adapters(model, layer_class, names=("q_proj", "k_proj", "v_proj", "out_proj"),
+                               **extra)
+    return model
+
+
+def adapters_of(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def round_trip(state):
+    """torch.save then torch.load, as a checkpoint on disk."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# the ways client code copies a state dict on its way to load_state_dict
+STATE_COPIES = {"torch.save": round_trip, "dict": dict, ".copy()": lambda sd: sd.copy(),
+                "OrderedDict": OrderedDict, "to cpu": lambda sd: {k: v.cpu() for k, v in sd.items()},
+                "prefix": lambda sd: {k.removeprefix("_orig_mod."): v for k, v in
+                                      {"_orig_mod." + k: v for k, v in sd.items()}.items()}}
+
+
+class TestDropIn(unittest.TestCase):
+    """comp_lora.py and block_lora.py as a client uses them: full-state loads and their copies, casts
+    after adapting, torch's own attention modules, torch.func. Right numbers or an exception."""
+
+    def setUp(self):
+        self.x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+
+    def test_a_full_state_load_gives_comp_lora_the_bases_of_the_loaded_weights(self):
+        for merged in (False, True):
+            trained = fill_b(client_model(0))
+            expected = trained(self.x)
+            weights = [layer.base.weight.detach().clone() for layer in adapters_of(trained)]
+            if merged:
+                for layer in adapters_of(trained):
+                    layer.merge()
+            fresh = client_model(1)  # built from other weights, then the full state is loaded
+            fresh.load_state_dict(round_trip(trained.state_dict()), strict=True)
+            self.assertLessEqual(max_rel_err(fresh(self.x), expected), 1e-5, merged)
+            for layer, weight in zip(adapters_of(fresh), weights):
+                self.assertLessEqual(max_rel_err(layer.base.weight, weight), 1e-6)
+                u, _, vh = torch.linalg.svd(weight.double())  # the loaded W's top-k directions
+                delta = layer.delta_weight().double()
+                self.assertLess((u[:, :layer.k].t() @ delta).norm() / delta.norm(), 1e-6)
+                self.assertLess((delta @ vh[:layer.k].t()).norm() / delta.norm(), 1e-6)
+                layer.merge()
+                layer.unmerge()
+                self.assertLessEqual(max_rel_err(layer.base.weight, weight), 1e-6)
+
+    def test_every_copy_of_a_merged_state_loads_its_update_once(self):
+        for method in LAYERS:
+            model = fill_b(client_model(0, method))
+            expected = model(self.x)
+            for layer in adapters_of(model):
+                layer.merge()
+            state = model.state_dict()
+            for name, copy_state in STATE_COPIES.items():
+                fresh = client_model(1, method)
+                fresh.load_state_dict(copy_state(state), strict=True)
+                self.assertLessEqual(max_rel_err(fresh(self.x), expected), 1e-5, (method, name))
+                into_merged = client_model(1, method)  # a merged layer loads as well
+                for layer in adapters_of(into_merged):
+                    layer.merge()
+                into_merged.load_state_dict(copy_state(state), strict=True)
+                self.assertLessEqual(max_rel_err(into_merged(self.x), expected), 1e-5, (method, name))
+            lora_only = fill_b(client_model(0, method), seed=4)  # other factors, merged: then loaded
+            for layer in adapters_of(lora_only):
+                layer.merge()
+            comp_lora.load_lora_state_dict(lora_only, comp_lora.lora_state_dict(model))
+            self.assertLessEqual(max_rel_err(lora_only(self.x), expected), 1e-5, method)
+
+    def test_adapters_stay_float32_through_casts_after_adapting(self):
+        casts = {"half": lambda m: m.half(), "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+                 "to(cpu, float16)": lambda m: m.to("cpu", torch.float16)}
+        for name, cast in casts.items():
+            model = fill_b(client_model(0, "comp"))
+            weight = adapters_of(model)[0].base.weight.detach().clone()  # its bases' W, float32
+            model = cast(model)
+            for layer in adapters_of(model):
+                kept = [layer.lora_A, layer.lora_B, layer.P_in, layer.P_out]
+                self.assertEqual({t.dtype for t in kept}, {torch.float32}, name)
+                self.assertNotEqual(layer.base.weight.dtype, torch.float32, name)
+            comp_lora.mark_only_lora_as_trainable(model)
+            lora = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.SGD(lora, lr=0.1)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+            model.train()
+            x = self.x.to(model[0].fc.weight.dtype)
+            for _ in range(3):  # float32 gradients: the scaler can unscale them
+                loss = model(x).float().pow(2).mean()
+                optimizer.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            layer = adapters_of(model)[0]
+            u, _, vh = torch.linalg.svd(weight.double())
+            delta = layer.delta_weight().double()
+            self.assertLess((u[:, :layer.k].t() @ delta).norm() / delta.norm(), 1e-6, name)
+            self.assertLess((delta @ vh[:layer.k].t()).norm() / delta.norm(), 1e-6, name)
+
+    def test_split_attention_is_exact_for_what_it_accepts_and_refuses_the_rest(self):
+        for heads in (4, 1):
+            mha = nn.MultiheadAttention(16, heads, dropout=0.5)
+            split = comp_lora.SplitAttention(mha)
+            x = torch.randn(5, 16)  # unbatched: (length, width)
+            causal = torch.full((5, 5), float("-inf")).triu(1)
+            cases = [{}, dict(key_padding_mask=torch.tensor([0, 0, 0, 1, 1]).bool()),
+                     dict(attn_mask=torch.randn(heads, 5, 5)), dict(attn_mask=causal, is_causal=True)]
+            for mode, kwargs, need_weights, average in itertools.product(
+                    ("eval", "train"), cases, (True, False), (True, False)):
+                getattr(mha, mode)()
+                split.train(mode == "train")
+                torch.manual_seed(1)  # training: the same dropout draws
+                expected = mha(x, x, x, need_weights=need_weights, average_attn_weights=average,
+                               **kwargs)
+                torch.manual_seed(1)
+                y, weights = split(x, x, x, need_weights=need_weights, average_attn_weights=average,
+                                   **kwargs)
+                case = (heads, mode, list(kwargs), need_weights, average)
+                self.assertEqual(y.shape, expected[0].shape, case)
+                self.assertLessEqual(max_rel_err(y, expected[0]), 1e-5, case)
+                if need_weights:  # in training the weights after dropout, as torch returns them
+                    self.assertLessEqual(max_rel_err(weights, expected[1]), 1e-5, case)
+        with self.assertRaisesRegex(ValueError, r"is_causal=True needs attn_mask"):
+            split(x, x, x, is_causal=True)
+        refused = {"add_bias_kv=True": dict(add_bias_kv=True), "add_zero_attn=True": dict(
+            add_zero_attn=True), "kdim or vdim other than embed_dim": dict(kdim=8, vdim=8)}
+        for argument, kwargs in refused.items():
+            with self.assertRaisesRegex(ValueError, rf"^nn\.MultiheadAttention with {argument}"):
+                comp_lora.SplitAttention(nn.MultiheadAttention(16, 4, **kwargs))
+            model = nn.Sequential(OrderedDict(attn=nn.MultiheadAttention(16, 4, **kwargs)))
+            before = list(model.state_dict())
+            with self.assertRaisesRegex(ValueError, rf"^attn: nn\.MultiheadAttention with {argument}"):
+                comp_lora.add_adapters(model, LoRALinear, names=("out_proj",))
+            self.assertIsInstance(model.attn, nn.MultiheadAttention)
+            self.assertEqual(list(model.state_dict()), before)
+
+    def test_torch_transformer_encoder_and_an_adapted_out_proj_run_the_adapters(self):
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        torch.manual_seed(0)
+        encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+        padding = torch.zeros(3, 5, dtype=torch.bool)
+        padding[:, -2:] = True
+        for names in (("q_proj", "v_proj"), ("out_proj",)):  # out_proj alone: still split
+            model = copy.deepcopy(encoder)
+            comp_lora.add_adapters(model, LoRALinear, names=names)
+            fill_b(model)
+            merged = comp_lora.merge_and_unload(copy.deepcopy(model))
+            for kwargs in ({}, dict(src_key_padding_mask=padding)):
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's nested tensors are a prototype
+                    ours = model(self.x, **kwargs)[:, :3]  # the positions that are not padding
+                    reference = merged(self.x, **kwargs)[:, :3]
+                    plain = encoder(self.x, **kwargs)[:, :3]
+                self.assertLessEqual(max_rel_err(ours, reference), 1e-5, (names, list(kwargs)))
+                self.assertGreater((ours - plain).abs().max().item(), 1e-4, (names, list(kwargs)))
+
+    def test_torch_func_transforms_and_one_dimensional_input(self):
+        layer = fill_b(nn.Sequential(LoRALinear(nn.Linear(8, 6), dropout=0.5)))[0].train()
+        x = torch.randn(8)  # 1-D: one token
+        torch.manual_seed(2)
+        keep = torch.rand(8) >= 0.5  # the mask the layer draws next with the same seed
+        # Jacobian of h = W x + b + s B A (x * keep / (1 - p)), the formula written out
+        expected = layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A * (keep / 0.5)
+        torch.manual_seed(2)
+        jacobian = torch.func.jacrev(layer)(x)
+        self.assertLessEqual(max_rel_err(jacobian, expected), 1e-6)
+        torch.manual_seed(2)
+        params = dict(layer.named_parameters())
+        grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+        torch.manual_seed(2)
+        layer(x).sum().backward()  # 1-D input through autograd, as in training
+        self.assertTrue(torch.equal(grads["lora_A"], layer.lora_A.grad))
+        self.assertTrue(torch.equal(grads["lora_B"], layer.lora_B.grad))
+        per_sample = torch.func.vmap(layer, randomness="different")(torch.randn(4, 8))
+        self.assertEqual(per_sample.shape, (4, 6))
+        gelu = clip_model.QuickGELU()
+        s = torch.sigmoid(1.702 * x)
+        derivative = torch.func.grad(lambda t: gelu(t).sum())(x)  # d/dx x s(1.702 x)
+        self.assertLessEqual(max_rel_err(derivative, s + 1.702 * x * s * (1 - s)), 1e-6)
+
+    def test_the_layers_refuse_what_the_command_line_refuses(self):
+        model = client_model(0, adapt=False)
+        with self.assertRaisesRegex(TypeError, r"layer_class .*Identity.*: expected LoRALinear"):
+            comp_lora.add_adapters(model, nn.Identity)
+        self.assertIsInstance(model[0].q_proj, nn.Linear)
+        for kwargs, message in ((dict(alpha=0), r"alpha=0: expected a finite number other than 0"),
+                                (dict(r=0), r"r=0: expected a positive integer"),
+                                (dict(dropout=1.0), r"dropout=1\.0: expected a number in \[0, 1\)")):
+            with self.assertRaisesRegex(ValueError, rf"^0\.q_proj: {message}$"):
+                comp_lora.add_adapters(model, LoRALinear, **kwargs)
+        adapted = fill_b(client_model(0, "lora"))
+        state = comp_lora.lora_state_dict(adapted)
+        key = "1.v_proj.lora_A"
+        before = {k: v.clone() for k, v in adapted.state_dict().items()}
+        with self.assertRaisesRegex(ValueError, rf"^adapter tensor '{re.escape(key)}': holds NaN"):
+            comp_lora.load_lora_state_dict(adapted, {**state, key: torch.full_like(state[key], math.nan)})
+        self.assertTrue(all(torch.equal(before[k], v) for k, v in adapted.state_dict().items()))
 
 
 # ------------------------------------------------------------------- text encoding and precision
@@ -1697,6 +1893,34 @@ class TestTrain(WithSyntheticData):
         with self.assertRaisesRegex(train.UserError, r"seed1.checkpoint.pt: a checkpoint with lr 0.005, this run has "
                                                      r"lr 0.001; run without --resume to start anew"):
             quiet(train.run, self.args(*flags, "--lr", "1e-3", "--resume", out="other"))
+
+    def test_a_checkpoint_holds_its_device_stream_and_the_time_so_far(self):
+        flags = ["--n_iters", "3", "--batch_size", "4", "--print_every", "1"]
+        args = self.args(*flags, out="device")
+        real_step = torch.optim.lr_scheduler.CosineAnnealingLR.step
+        calls = itertools.count(1)
+
+        def step(scheduler):  # a signal during iteration 2 (the first call is the constructor's)
+            if next(calls) == 3:
+                train.STOP["signal"] = signal.SIGTERM
+            return real_step(scheduler)
+        with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
+            with self.assertRaises(train.Stopped):
+                quiet(train.run, args)
+        path = train.run_dir(args) + results.CHECKPOINT
+        state = torch.load(path, weights_only=True)
+        # the run device's stream only (none of its own on the CPU): any machine can resume it
+        self.assertEqual(sorted(state["rng"]), ["device", "device_state", "python", "torch"])
+        self.assertEqual((state["rng"]["device"], state["rng"]["device_state"]), ("cpu", None))
+        torch.save(dict(state, rng=dict(state["rng"], device="cuda")), path)
+        with self.assertRaisesRegex(train.UserError, r"written by a run on cuda, this run is on cpu; resume with "
+                                                     r"--device cuda, or run without --resume"):
+            quiet(train.run, self.args(*flags, "--resume", out="device"))
+        torch.save(dict(state, seconds=1000.0), path)  # as if the first part had taken 1000 s
+        record, printed = quiet(train.run, self.args(*flags, "--resume", out="device"))
+        self.assertGreaterEqual(record["train_seconds"], 1000)
+        first = next(line for line in printed.splitlines() if line.startswith("iter 3/12"))
+        self.assertGreaterEqual(int(first.rpartition("eta ")[2][:-1]), 9 * 1000 / 3)
 
     @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device")
     def test_cuda_run_saves_cpu_tensors_and_a_seed_fixes_the_initial_adapters(self):

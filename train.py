@@ -246,7 +246,7 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     parts, iteration, skipped = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, 0, 0
     if resume:
         comp_lora.load_lora_state_dict(model, resume["lora"])
-        results.restore_checkpoint(resume, parts)
+        results.restore_checkpoint(resume, parts, device)
         iteration, skipped = resume["iteration"], resume["skipped"]
         # the batches already trained: whole passes, then the first batches of this pass (data.PassSampler)
         loader.sampler.passes, batches = divmod(iteration, len(loader))
@@ -258,7 +258,8 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
             fixed_text = text_features(model, tokens, device, precision)
 
     window = {"loss": 0.0, "correct": 0, "seen": 0, "iterations": 0}
-    start = last_print = time.time()
+    last_print = time.time()
+    start = last_print - (resume["seconds"] if resume else 0)  # eta and train_seconds: the whole run
     model.train()
     STOP.update(deferred=True, signal=None)  # from here a signal waits for the end of the step under way
     try:
@@ -288,7 +289,8 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
             if STOP["signal"] or (args.checkpoint_every and iteration % args.checkpoint_every == 0 < total - iteration):
                 if args.checkpoint_every:
                     results.write_checkpoint(run_dir(args) + results.CHECKPOINT, dict(identity, seed=args.seed), {
-                        "iteration": iteration, "skipped": skipped}, comp_lora.lora_state_dict(model), parts)
+                        "iteration": iteration, "skipped": skipped, "seconds": time.time() - start},
+                        comp_lora.lora_state_dict(model), parts, device)
                 if STOP["signal"]:
                     kept = "continue with --resume" if args.checkpoint_every else "no checkpoint (--checkpoint_every 0)"
                     raise Stopped(STOP["signal"], f"at iteration {iteration}/{total}; {kept}")
@@ -338,7 +340,7 @@ def run(args):
             print(f"done: {out}")
             return None
     resume = args.resume and not evaluate_only and results.read_checkpoint(out + results.CHECKPOINT,
-                                                                            dict(identity, seed=args.seed))
+                                                                            dict(identity, seed=args.seed), device)
     # A seed fixes the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset) and our own
     # training randomness: lora_A and the dropout masks (torch's global stream, seeded here, drawn from by nothing
     # else), shuffles and crops (data.make_loader); not the official code's streams for those (run_utils.py).
