@@ -2699,9 +2699,8 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
             with self.assertRaisesRegex(train.UserError, r"unexpected tensor weights\['layer_4'\]"):
                 train.load_adapters(path, other, dict(config, position="half-up"))
 
-if __name__ == "__main__":
-    runner = unittest.TextTestRunner(verbosity=2)
-    result = runner.run(unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__]))
+if __name__ == "__main__":  # unittest's own command line: test names, -k PATTERN, -h; then one summary line
+    result = unittest.main(verbosity=2, exit=False).result
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed")
     sys.exit(1 if failed else 0)
