@@ -146,10 +146,10 @@ class LoRALinear(nn.Module):
 
 
 def _complement_bases(weight, k):
-    """U[:, k:], V[:, k:] of W = U S V^T in float64 (on W's GPU, else the CPU), signs fixed (the
-    largest entry of each right vector positive): the same bases on every machine, to float64
-    rounding, so that a saved adapter means the same update."""
-    device = weight.device if weight.device.type == "cuda" else "cpu"  # MPS has no float64
+    """U[:, k:], V[:, k:] of W = U S V^T in float64 on W's device, signs fixed (the largest entry
+    of each right vector positive): the same bases on every machine, to float64 rounding, so that
+    a saved adapter means the same update."""
+    device = "cpu" if weight.device.type == "mps" else weight.device  # MPS has no float64
     u, _, vh = torch.linalg.svd(weight.detach().to(device, torch.float64), full_matrices=True)
     v = vh.t()
     sign = torch.sign(v.gather(0, v.abs().argmax(dim=0, keepdim=True)))  # (1, d_in)
