@@ -474,17 +474,6 @@ class TestAdapters(unittest.TestCase):
         self.assertTrue(torch.equal(out, ref))
         self.assertTrue(torch.equal(x.grad, y.grad))
 
-    def test_lora_matches_clip_lora_formula(self):
-        # CLIP-LoRA (loralib/layers.py, LinearLoRA): W x + b + (dropout(x) @ (B A)^T) * alpha / sqrt(r)
-        base = nn.Linear(16, 12)
-        layer = LoRALinear(copy.deepcopy(base), r=4, alpha=3, dropout=0.0)
-        with torch.no_grad():
-            layer.lora_B.normal_()
-        x = torch.randn(5, 16)
-        expected = base(x) + (x @ (layer.lora_B @ layer.lora_A).t()) * (3 / math.sqrt(4))
-        self.assertLessEqual(max_rel_err(layer(x), expected), 1e-6)
-        self.assertAlmostEqual(layer.scaling, 1.5)
-
     def test_lora_model_matches_reference_with_merged_fused_weights(self):
         # The official code merges B A into its q/k/v weights in eval mode; the reference CLIP with the same
         # fused update must give the same logits as our unmerged adapters.
@@ -556,6 +545,118 @@ class TestAdapters(unittest.TestCase):
         model, layers = adapted("lora", ("o",), encoder="vision", position="up")
         self.assertEqual([n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
                          ["visual.transformer.resblocks.2.attn.out_proj"])
+
+
+# ------------------------------------------------------------------------------ the formulas
+METHOD_FORMULAS = {  # how each layer's update is written in the messages below
+    LoRALinear: "s B A, s = alpha / sqrt(r) (CLIP-LoRA's LinearLoRA)",
+    CompLoRALinear: "s P_out B A P_in^T, P_in = V[:, k:], P_out = U[:, k:] of W = U S V^T (Comp-LoRA, our "
+                    "reconstruction)",
+    BlockLoRALinear: "s B [A_s ... A_s], A_s repeated over the n input chunks (Block-LoRA, our reconstruction)"}
+
+
+class TestFormulas(unittest.TestCase):
+    """Each method's formulas, written out here and checked to float tolerance: what any correct
+    LoRALinear, CompLoRALinear or BlockLoRALinear gives (forward, delta_weight, merge), whatever its
+    speed or memory tricks; a failure names the formula. `python test_all.py TestFormulas`."""
+
+    longMessage = False  # the message names the formula; no "x not less than y" before it
+
+    def close(self, got, expected, what, formula, tolerance=1e-6):
+        difference = max_rel_err(got.detach().double(), expected.detach().double())
+        self.assertLessEqual(difference, tolerance, f"{what} should be {formula}; it differs by {difference:.3g} "
+                                                    "(largest difference relative to the largest entry)")
+
+    def layer(self, layer_class, dropout=0.0, d_in=24):
+        """(the frozen nn.Linear d_in -> 16, a copy wrapped as layer_class with r 4, alpha 3 and a random B)."""
+        torch.manual_seed(0)
+        base = nn.Linear(d_in, 16)
+        extra = {"comp_ratio": 0.25} if layer_class is CompLoRALinear else {}
+        extra = {"blocks": 4} if layer_class is BlockLoRALinear else extra
+        layer = layer_class(copy.deepcopy(base), r=4, alpha=3.0, dropout=dropout, **extra)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        return base, layer
+
+    def test_lora_scaling_and_update(self):
+        base, layer = self.layer(LoRALinear)
+        s = 3.0 / math.sqrt(4)
+        self.assertAlmostEqual(layer.scaling, s, places=6, msg=f"LoRALinear: scaling should be alpha / sqrt(r) = "
+                                                               f"{s:.3f} (CLIP-LoRA), got {layer.scaling:.3f}")
+        self.assertEqual((tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)), ((4, 24), (16, 4)),
+                         "LoRALinear: lora_A should be r x d_in and lora_B d_out x r")
+        self.close(layer.delta_weight(), s * layer.lora_B @ layer.lora_A, "LoRALinear.delta_weight()",
+                   METHOD_FORMULAS[LoRALinear])
+
+    def test_block_lora_update_repeats_the_shared_block(self):
+        base, layer = self.layer(BlockLoRALinear)
+        self.assertEqual(tuple(layer.lora_A.shape), (4, 24 // 4), "BlockLoRALinear: lora_A should be the shared "
+                                                                  "block A_s, r x (d_in / n)")
+        repeated = torch.cat([layer.lora_A] * 4, dim=1)  # [A_s A_s A_s A_s]: r x d_in
+        self.close(layer.delta_weight(), 3.0 / math.sqrt(4) * layer.lora_B @ repeated,
+                   "BlockLoRALinear.delta_weight()", METHOD_FORMULAS[BlockLoRALinear])
+
+    def test_comp_lora_update_lives_in_the_complement(self):
+        for d_in in (16, 24):  # square first: there U and V swapped fit in shape, and must fail
+            base, layer = self.layer(CompLoRALinear, d_in=d_in)
+            k = round(0.25 * 16)  # comp_ratio times min(d_out, d_in)
+            self.assertEqual((layer.k, tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)),
+                             (k, (4, d_in - k), (16 - k, 4)), "CompLoRALinear: k should be round(comp_ratio * "
+                             "min(d_out, d_in)), lora_A r x (d_in - k) and lora_B (d_out - k) x r")
+            u, _, vh = torch.linalg.svd(base.weight.detach().double())
+            delta = layer.delta_weight().detach().double()
+            for name, leak in (("Delta W V_k = 0, W's top-k right singular vectors untouched", delta @ vh[:k].t()),
+                               ("U_k^T Delta W = 0, W's top-k left singular vectors untouched", u[:, :k].t() @ delta)):
+                share = (leak.norm() / delta.norm()).item()
+                self.assertLess(share, 1e-6, f"CompLoRALinear.delta_weight() should satisfy {name} (arXiv "
+                                             f"2501.15040: the complement); |leak| / |Delta W| = {share:.3g}")
+            # P_out and P_in have orthonormal columns: they keep the Frobenius norm of s B A
+            norm = 3.0 / math.sqrt(4) * (layer.lora_B @ layer.lora_A).norm()
+            self.close(delta.norm(), norm.double(), "|CompLoRALinear.delta_weight()|",
+                       "|s B A| (P_out and P_in with orthonormal columns)")
+
+    def test_forward_in_eval_is_w_x_plus_b_plus_the_update(self):
+        x = torch.randn(7, 24)
+        for layer_class, formula in METHOD_FORMULAS.items():
+            base, layer = self.layer(layer_class, dropout=0.25)
+            layer.eval()  # no dropout in eval
+            expected = F.linear(x, base.weight + layer.delta_weight(), base.bias)
+            self.close(layer(x), expected, f"{layer_class.__name__}.forward(x) in eval",
+                       f"W x + b + Delta W x with Delta W = {formula}")
+
+    def test_forward_in_training_drops_the_adapter_input(self):
+        # one-hot inputs e_j: the adapter branch is Delta W e_j / (1 - p) where e_j is kept, 0 where dropped
+        p, rows = 0.25, 4000
+        picks = torch.randint(24, (rows,), generator=torch.Generator().manual_seed(1))
+        x = F.one_hot(picks, 24).float()
+        for layer_class in METHOD_FORMULAS:
+            base, layer = self.layer(layer_class, dropout=p)
+            layer.train()
+            with torch.no_grad():
+                branch = layer(x) - base(x)
+                kept_branch = layer.delta_weight()[:, picks].t() / (1 - p)
+            dropped = branch.abs().amax(dim=1) < 1e-6
+            formula = ("s B A dropout(x): the adapter's input dropped with probability p and scaled by 1 / (1 - p) "
+                       "in training, W x + b never dropped")
+            self.assertAlmostEqual(dropped.float().mean().item(), p, delta=0.03,
+                                   msg=f"{layer_class.__name__} in training: the branch should be {formula}; "
+                                       f"share of dropped inputs {dropped.float().mean().item():.3f}, p = {p}")
+            self.close(branch[~dropped], kept_branch[~dropped], f"{layer_class.__name__}'s kept branch in training",
+                       formula)
+
+    def test_merge_adds_the_update_to_w_and_unmerge_removes_it(self):
+        x = torch.randn(7, 24)
+        for layer_class, formula in METHOD_FORMULAS.items():
+            base, layer = self.layer(layer_class)
+            layer.eval()
+            expected = layer(x)
+            delta = layer.delta_weight().detach().clone()
+            layer.merge()
+            name = layer_class.__name__
+            self.close(layer.base.weight, base.weight + delta, f"{name}'s W after merge()", f"W + {formula}")
+            self.close(layer(x), expected, f"{name}.forward after merge()", "the unmerged forward")
+            layer.unmerge()
+            self.close(layer.base.weight, base.weight, f"{name}'s W after unmerge()", "the W before merge()")
 
 
 def openai_style(seed=0):
