@@ -28,6 +28,9 @@ _MODELS = {
     "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
     "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
 }
+# ViT-B/16's sizes (OpenAI's ViT-B-16.pt read by build_model), for random models of that size.
+VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12)
 # A randomly initialised small CLIP for tests and the offline demo (heads = width // 64, as OpenAI's rule).
 TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=8,
                    context_length=77, vocab_size=49408, transformer_width=128, transformer_layers=3)

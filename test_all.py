@@ -40,8 +40,7 @@ from block_lora import BlockLoRALinear
 from comp_lora import CompLoRALinear, LoRALinear, _complement_bases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12)
+VIT_B_16 = clip_model.VIT_B_16
 PROMPTS = ["a photo of a cat.", "a photo of a Annual Crop Land.", "x", "a centered satellite photo of "
            "a very long and winding river running through green fields."]
 
