@@ -129,8 +129,8 @@ def memory_mark(device):
     """Peak bytes: CUDA's allocated tensors, or this process's resident high-water mark."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    kilobytes = 1 if sys.platform == "darwin" else 1024  # ru_maxrss's unit: bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kilobytes
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss counts bytes on macOS, else KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
 def matmul_peak(device):
