@@ -203,17 +203,18 @@ def check_writable(path, what, folder=False, create=False):
     """Before any work, creating nothing: save() can put a file (folder=True: a folder) at `path`,
     staged in its parent folder, which must exist unless `create` (save makes it: the nearest
     existing parent is tried)."""
-    target = os.path.abspath(path)
-    parent = os.path.dirname(target)
+    parent = os.path.dirname(os.path.abspath(path))
     while create and not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not folder and (os.path.isdir(path) or not os.path.basename(path)):  # x/ names a folder
         raise UserError(f"{what} {path}: names a folder; expected a file name")
-    for place in (parent, target) if folder else (parent,):
+    for place in (parent, path) if folder else (parent,):
         if os.path.lexists(place) and not os.path.isdir(place):
             raise UserError(f"{what} {path}: cannot write ({place} is a file)")
     if not os.path.isdir(parent):
         raise UserError(f"{what} {path}: folder {parent} does not exist")
+    if os.path.isfile(path) and not os.access(path, os.W_OK):  # a log is appended to
+        raise UserError(f"{what} {path}: cannot write (a read-only file)")
     try:
         tempfile.TemporaryFile(prefix=".write_test", dir=parent).close()
     except OSError as error:
@@ -254,7 +255,7 @@ def read_checkpoint(path, config, resume, overwrite):
     """The state in the checkpoint at `path` if it is of this exact `config` (with the seed), else
     None. A run replaces or removes that file: another configuration's, or a file that is not a
     checkpoint, is refused unless `overwrite` (as check_run_identity). resume: say if it resumes."""
-    state, refused = None, None
+    state = refused = None
     if os.path.lexists(path):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1707,9 +1707,9 @@ class TestTrain(WithSyntheticData):
         self.assertTrue(os.path.isfile(os.path.join(train.run_dir(self.args(out="other")), "adapter.pt")))
 
     def test_every_path_is_checked_before_the_work_and_the_run_is_saved_before_the_export(self):
-        """A read-only parent of an existing run folder is found before any work (the save stages there); a
-        failed export after training leaves the run saved; remove() never deletes a folder a user put in the
-        place of a file."""
+        """A read-only parent of an existing run folder (where the save stages) and a read-only log
+        are found before any work; a failed export after training leaves the run saved; remove()
+        never deletes a folder a user put in the place of a file."""
         args = self.args("--n_iters", "1", out="paths")
         folder = train.run_dir(args)
         os.makedirs(folder)
@@ -1719,8 +1719,8 @@ class TestTrain(WithSyntheticData):
             if kw.get("dir") == parent:
                 raise PermissionError(13, "Permission denied")
             return real(*a, **kw)
-        with mock.patch("tempfile.TemporaryFile", temporary_file), \
-                mock.patch.object(data, "build_datasets", side_effect=AssertionError("the work began")):
+        work = mock.patch.object(data, "build_datasets", side_effect=AssertionError("work began"))
+        with mock.patch("tempfile.TemporaryFile", temporary_file), work:
             with self.assertRaisesRegex(train.UserError, rf"^output directory {re.escape(folder)}: cannot write in "
                                                          rf"{re.escape(parent)} \(Permission denied\)$"):
                 quiet(train.run, args)
@@ -1732,9 +1732,16 @@ class TestTrain(WithSyntheticData):
                 raise results.UserError(f"{export}: cannot write (No space left on device)")
             return real_save(path, *rest, **kw)
         with mock.patch.object(results, "save", save):
-            with self.assertRaisesRegex(train.UserError, "No space left"):
+            saved = rf"No space left on device\) \(the run was saved in {re.escape(folder)}\)$"
+            with self.assertRaisesRegex(train.UserError, saved):
                 quiet(train.run, self.args("--n_iters", "1", "--export_merged", export, out="paths"))
         self.assertEqual(sorted(os.listdir(folder)), ["adapter.pt", "results.json"])
+        log, real_access = os.path.join(args.save_path, "results.jsonl"), os.access  # appended to
+        read_only = rf"^log {re.escape(log)}: cannot write \(a read-only file\)$"
+        access = mock.patch("os.access", lambda path, mode: path != log and real_access(path, mode))
+        with access, work:
+            with self.assertRaisesRegex(train.UserError, read_only):
+                quiet(train.run, args)
         mine = os.path.join(self.tmp.name, "paths", "mine.checkpoint.pt")
         os.makedirs(mine)
         open(os.path.join(mine, "notes.txt"), "w").close()

@@ -425,7 +425,10 @@ def run(args):
     if args.export_merged:  # a plain CLIP state dict, OpenAI's layout, on the CPU
         merged = {key: value.cpu()
                   for key, value in comp_lora.merge_and_unload(model).openai_state_dict().items()}
-        results.save(args.export_merged, lambda f: torch.save(merged, f))
+        try:
+            results.save(args.export_merged, lambda f: torch.save(merged, f))
+        except UserError as error:  # what the run itself left is unchanged
+            raise UserError(f"{error} ({STOP['kept']})") from None
     return record
 
 
