@@ -30,6 +30,8 @@ ADAPTER_FIELDS = ("method", "r", "alpha", "scaling_rule", "blocks", "comp_ratio"
                   "params", "backbone")  # what defines an adapted model; dropout only matters in training
 MAX_RESULTS_BYTES = 16 << 20  # ours are a few KB: a larger results.json is skipped unread
 CHECKPOINT = ".checkpoint.pt"  # a run's checkpoint is run_dir(...) + CHECKPOINT, beside its folder
+STAGED = re.compile(r"\.(.+)\.(tmp|old)(\d+)")  # what a save leaves beside <name>: .<name>.tmp<pid>
+REPLACE = "choose another --save_path, or pass --overwrite to replace it"
 
 
 class UserError(Exception):
@@ -119,8 +121,11 @@ def write_synced(path, write):
 
 
 def remove(path):
+    """Remove what this project wrote: a file (or link), or a folder under a save's own name
+    (STAGED); any other folder stays (a user's, in the place of a file)."""
     if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
+        if STAGED.fullmatch(os.path.basename(path)):
+            shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
 
@@ -133,19 +138,23 @@ def link(source, target):
 
 
 def recover(path):
-    """Resolve what killed saves of `path` left: a set-aside folder goes back where `path` is missing, the rest goes."""
+    """Resolve what killed saves of `path` left: a set-aside folder goes back where `path` is
+    missing (then True), the rest goes."""
     parent, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)(\d+)")
     names = os.listdir(parent) if os.path.isdir(parent) else []
     found = [m for m in map(pattern.fullmatch, names) if m and not running(int(m.group(2)))]  # not a live save
+    restored = False
     for match in sorted(found, key=lambda m: m.group(1) != "old"):  # set-aside sets first
         leftover = os.path.join(parent, match.group(0))
         if match.group(1) == "old" and not os.path.lexists(path):
             os.replace(leftover, path)
+            restored = True
             print(f"recovered {path}: a save was interrupted; the previous run is back in place", file=sys.stderr)
         else:
             remove(leftover)
             print(f"recovered {path}: removed {match.group(0)}, left by an interrupted save", file=sys.stderr)
+    return restored
 
 
 def running(pid):
@@ -190,20 +199,26 @@ def sync_folder(folder):
             os.close(fd)
 
 
-def check_writable(path, what, new_file=True):
-    """Before any work, creating nothing: `path` can be written, as a new file or (new_file=False) a run folder."""
-    folder = os.path.dirname(os.path.abspath(path)) if new_file else os.path.abspath(path)
-    while not new_file and not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if new_file and (os.path.isdir(path) or not os.path.isdir(folder)):
-        raise UserError(f"{what} {path}: " + ("is a folder; expected a file name" if os.path.isdir(path) else
-                                              f"folder {folder} does not exist"))
-    if not os.path.isdir(folder):
-        raise UserError(f"{what} {path}: cannot write ({folder} is a file)")
+def check_writable(path, what, folder=False, create=False):
+    """Before any work, creating nothing: save() can put a file (folder=True: a folder) at `path`,
+    staged in its parent folder, which must exist unless `create` (save makes it: the nearest
+    existing parent is tried)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while create and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not folder and (os.path.isdir(path) or not os.path.basename(path)):  # x/ names a folder
+        raise UserError(f"{what} {path}: names a folder; expected a file name")
+    for place in (parent, path) if folder else (parent,):
+        if os.path.lexists(place) and not os.path.isdir(place):
+            raise UserError(f"{what} {path}: cannot write ({place} is a file)")
+    if not os.path.isdir(parent):
+        raise UserError(f"{what} {path}: folder {parent} does not exist")
+    if os.path.isfile(path) and not os.access(path, os.W_OK):  # a log is appended to
+        raise UserError(f"{what} {path}: cannot write (a read-only file)")
     try:
-        tempfile.TemporaryFile(prefix=".write_test", dir=folder).close()
+        tempfile.TemporaryFile(prefix=".write_test", dir=parent).close()
     except OSError as error:
-        raise UserError(f"{what} {path}: cannot write in {folder} ({error.strerror})") from None
+        raise UserError(f"{what} {path}: cannot write in {parent} ({error.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------- run identity
@@ -220,7 +235,6 @@ def difference(saved, config, fields):
 
 def check_run_identity(folder, config, overwrite, skip_done=False):
     """Refuse to replace a saved run of another configuration (unless --overwrite); True: done (same, skip_done)."""
-    hint = "choose another --save_path, or pass --overwrite to replace it"
     files = [os.path.join(folder, name) for name in ("results.json", "adapter.pt")]
     if not any(map(os.path.lexists, files)):
         return False
@@ -231,32 +245,35 @@ def check_run_identity(folder, config, overwrite, skip_done=False):
         if overwrite:
             return False
         raise UserError(f"{folder} holds a run whose results.json is missing, unreadable or from an older "
-                        f"version; {hint}") from None
+                        f"version; {REPLACE}") from None
     if differing and not overwrite:
-        raise UserError(f"{folder} holds a run with {differing}; {hint}")
+        raise UserError(f"{folder} holds a run with {differing}; {REPLACE}")
     return skip_done and not differing and os.path.isfile(files[1])
 
 
-def read_checkpoint(path, config, device):
-    """The state in the checkpoint of this exact `config` (with the seed), written by a run on a device of
-    this kind; None if none; else a UserError."""
-    if not os.path.isfile(path):
-        print(f"no checkpoint {path}: starting from the beginning")
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        differing = difference(dict(state["config"]), config, sorted(set(config) | set(state["config"])))
-        written_on = state["rng"]["device"]
-    except Exception as error:
-        raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__}); "
-                        "delete it to start anew") from None
-    if differing:
-        raise UserError(f"{path}: a checkpoint with {differing}; run without --resume to start anew")
-    if written_on != device.type:  # the dropout masks come from that device's random stream
+def read_checkpoint(path, config, device, resume, overwrite):
+    """The state in the checkpoint at `path` if it is of this exact `config` (with the seed), else
+    None. A run replaces or removes that file: another configuration's, or a file that is not a
+    checkpoint, is refused unless `overwrite` (as check_run_identity). resume: say if it resumes,
+    which needs a device of the kind that wrote it."""
+    state = refused = None
+    if os.path.lexists(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved, written_on = dict(state["config"]), state["rng"]["device"]  # an adapter file: neither
+            differing = difference(saved, config, [*config, *saved])  # in RUN_FIELDS' order
+            refused = differing and f"a checkpoint with {differing}"
+        except Exception:
+            refused = "not a checkpoint"
+    if refused and not overwrite:
+        raise UserError(f"{path}: {refused}; {REPLACE}")
+    if resume and state and not refused and written_on != device.type:  # its dropout masks' stream
         raise UserError(f"{path}: written by a run on {written_on}, this run is on {device.type}; resume "
                         f"with --device {written_on}, or run without --resume to start anew")
-    print(f"resuming {path} at iteration {state['iteration']}")
-    return state
+    if resume:
+        print(f"resuming {path} at iteration {state['iteration']}" if state and not refused else
+              f"no checkpoint of this configuration at {path}: starting from the beginning")
+    return None if refused else state
 
 
 def device_rng_state(device):
@@ -437,12 +454,15 @@ def read_result(path):
 def read_results(directory):
     """[(path, config, seed, accuracy)] of the results.json under `directory`; unreadable ones and repeats: skipped."""
     if not os.path.isdir(directory):
-        raise UserError(f"--summarize {directory}: not a folder")
+        raise UserError(f"{directory}: not a folder")
     found, first = 0, {}  # (configuration, seed): its first record in sorted order, so no mean repeats a run
     walk = os.walk(directory, onerror=lambda error: print(f"skipped {error.filename}: cannot list ({error.strerror})",
                                                           file=sys.stderr))
     for folder, subfolders, files in walk:
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))  # hidden: a save under way
+        # a run folder that a killed save set aside goes back first; hidden ones: a save under way
+        subfolders += [m[1] for m in map(STAGED.fullmatch, subfolders)
+                       if m and m[2] == "old" and recover(os.path.join(folder, m[1]))]
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         if "results.json" not in files:
             continue
         found += 1

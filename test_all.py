@@ -1944,7 +1944,8 @@ class TestTrain(WithSyntheticData):
             after = {k: v for k, v in tree_state(save_path).items() if not k.endswith(results.CHECKPOINT)}
             self.assertEqual(after, before)  # earlier results unchanged
         # the SIGTERM run (another configuration: n_iters 10) left its checkpoint; --resume finishes it
-        self.assertRegex(err, r"^interrupted at iteration \d+/40; continue with --resume")
+        self.assertRegex(err, r"^interrupted: the checkpoint at iteration \d+/40 is kept "
+                              r"\(continue with --resume\)")
         checkpoint = train.run_dir(earlier) + results.CHECKPOINT
         self.assertTrue(os.path.isfile(checkpoint))
         resumed, printed = quiet(train.run, train.parse_args(base[:-2] + ["--n_iters", "10", "--resume", "--overwrite",
@@ -1979,8 +1980,8 @@ class TestTrain(WithSyntheticData):
             with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
                 with self.assertRaises(train.Stopped) as stopped:
                     quiet(train.run, args)
-            self.assertEqual(stopped.exception.args, (signal.SIGTERM, f"at iteration {stop_at}/12; continue with "
-                                                                      "--resume"))
+            self.assertEqual(stopped.exception.args, (signal.SIGTERM,))
+            self.assertIn(f"the checkpoint at iteration {stop_at}/12 is kept", train.STOP["kept"])
             self.assertFalse(os.path.exists(train.run_dir(args)))
             quiet(train.run, self.args(*flags, "--resume", "--workers", "2" if stop_at % 2 else "0", out=f"stop{stop_at}"))
             with open(os.path.join(train.run_dir(args), "adapter.pt"), "rb") as f:
@@ -1991,9 +1992,131 @@ class TestTrain(WithSyntheticData):
         with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
             with self.assertRaises(train.Stopped):
                 quiet(train.run, self.args(*flags, out="other"))
-        with self.assertRaisesRegex(train.UserError, r"seed1.checkpoint.pt: a checkpoint with lr 0.005, this run has "
-                                                     r"lr 0.001; run without --resume to start anew"):
-            quiet(train.run, self.args(*flags, "--lr", "1e-3", "--resume", out="other"))
+        # another configuration's checkpoint is refused, with --resume or without, until --overwrite
+        # replaces it
+        folder = train.run_dir(self.args(out="other"))
+        before = tree_state(os.path.join(self.tmp.name, "other"))
+        refused = (r"seed1.checkpoint.pt: a checkpoint with lr 0.005, this run has lr 0.001; "
+                   r"choose another --save_path, or pass --overwrite")
+        for resume in (["--resume"], []):
+            with self.assertRaisesRegex(train.UserError, refused):
+                quiet(train.run, self.args(*flags, "--lr", "1e-3", *resume, out="other"))
+            self.assertEqual(tree_state(os.path.join(self.tmp.name, "other")), before)
+        quiet(train.run, self.args(*flags, "--lr", "1e-3", "--overwrite", out="other"))
+        self.assertFalse(os.path.exists(folder + results.CHECKPOINT))
+        self.assertTrue(os.path.isfile(os.path.join(folder, "adapter.pt")))
+
+    def test_every_path_is_checked_before_the_work_and_the_run_is_saved_before_the_export(self):
+        """A read-only parent of an existing run folder (where the save stages) and a read-only log
+        are found before any work; a failed export after training leaves the run saved; remove()
+        never deletes a folder a user put in the place of a file."""
+        args = self.args("--n_iters", "1", out="paths")
+        folder = train.run_dir(args)
+        os.makedirs(folder)
+        parent, real = os.path.dirname(folder), tempfile.TemporaryFile
+
+        def temporary_file(*a, **kw):  # root too: a refusal stands for a read-only folder
+            if kw.get("dir") == parent:
+                raise PermissionError(13, "Permission denied")
+            return real(*a, **kw)
+        work = mock.patch.object(data, "build_datasets", side_effect=AssertionError("work began"))
+        with mock.patch("tempfile.TemporaryFile", temporary_file), work:
+            denied = (rf"^output directory {re.escape(folder)}: cannot write in "
+                      rf"{re.escape(parent)} \(Permission denied\)$")
+            with self.assertRaisesRegex(train.UserError, denied):
+                quiet(train.run, args)
+        export = os.path.join(self.tmp.name, "paths", "merged.pt")
+        real_save = results.save
+
+        def save(path, *rest, **kw):
+            if path == export:
+                raise results.UserError(f"{export}: cannot write (No space left on device)")
+            return real_save(path, *rest, **kw)
+        with mock.patch.object(results, "save", save):
+            saved = rf"No space left on device\) \(the run was saved in {re.escape(folder)}\)$"
+            with self.assertRaisesRegex(train.UserError, saved):
+                quiet(train.run, self.args("--n_iters", "1", "--export_merged", export,
+                                           out="paths"))
+        self.assertEqual(sorted(os.listdir(folder)), ["adapter.pt", "results.json"])
+        log, real_access = os.path.join(args.save_path, "results.jsonl"), os.access  # appended to
+        read_only = rf"^log {re.escape(log)}: cannot write \(a read-only file\)$"
+        access = mock.patch("os.access", lambda path, mode: path != log and real_access(path, mode))
+        with access, work:
+            with self.assertRaisesRegex(train.UserError, read_only):
+                quiet(train.run, args)
+        mine = os.path.join(self.tmp.name, "paths", "mine.checkpoint.pt")
+        os.makedirs(mine)
+        open(os.path.join(mine, "notes.txt"), "w").close()
+        results.remove(mine)
+        self.assertTrue(os.path.isfile(os.path.join(mine, "notes.txt")))
+        staged = os.path.join(self.tmp.name, "paths", ".run.tmp123")
+        os.makedirs(os.path.join(staged, "inner"))
+        results.remove(staged)
+        self.assertFalse(os.path.exists(staged))
+
+    def test_interrupted_says_what_is_on_disk(self):
+        """A second SIGTERM inside a step names the checkpoint of an earlier step; a SIGTERM
+        during the final save waits for it to end, and says the run was saved."""
+        flags = ["--n_iters", "2", "--batch_size", "4", "--checkpoint_every", "2"]
+        real_step = torch.optim.lr_scheduler.CosineAnnealingLR.step
+        calls = itertools.count(1)
+
+        def step(scheduler):  # two signals during iteration 3, after the checkpoint of iteration 2
+            if next(calls) == 4:
+                train.stop(signal.SIGTERM, None)
+                train.stop(signal.SIGTERM, None)
+            return real_step(scheduler)
+
+        def main(argv):  # (exit code, stderr) of train.main, without its signal handlers
+            err = io.StringIO()
+            with mock.patch("signal.signal"), contextlib.redirect_stderr(err), \
+                    self.assertRaises(SystemExit) as code:
+                quiet(train.main, argv)
+            return code.exception.code, err.getvalue()
+        save_path = os.path.join(self.tmp.name, "twice")
+        argv = ["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4",
+                "--workers", "0", "--device", "cpu", "--save_path", save_path, *flags]
+        with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
+            kept = ("interrupted: the checkpoint at iteration 2/8 is kept (continue with "
+                    "--resume); earlier results are unchanged\n")
+            self.assertEqual(main(argv), (143, kept))
+        checkpoint = train.run_dir(train.parse_args(argv)) + results.CHECKPOINT
+        self.assertEqual(torch.load(checkpoint, weights_only=True)["iteration"], 2)
+        folder, real_replace = train.run_dir(train.parse_args(argv)), os.replace
+
+        def replace(source, target):  # a SIGTERM just after the final save's rename
+            real_replace(source, target)
+            if target == folder:
+                train.stop(signal.SIGTERM, None)
+        with mock.patch("os.replace", replace):
+            self.assertEqual(main([*argv, "--resume"]),
+                             (143, f"interrupted: the run was saved in {folder}\n"))
+        self.assertEqual(sorted(os.listdir(folder)), ["adapter.pt", "results.json"])
+        self.assertFalse(os.path.exists(checkpoint))
+
+    def test_every_reader_puts_back_a_run_folder_a_killed_save_set_aside(self):
+        """A kill between the save's two renames leaves the run folder aside: --eval_only,
+        --adapter, --skip_done and the summary each put it back first."""
+        args = self.args("--n_iters", "1", out="aside")
+        record, _ = quiet(train.run, args)
+        folder = train.run_dir(args)
+        dead = 2 ** 22 + 1  # above any system's largest pid: the save that set it aside is gone
+        cell = f"{record['accuracy']:.2f} ± 0.00 (1)"  # the run in a summary table
+
+        def run(*flags, out="aside"):  # (record, printed)
+            return quiet(train.run, self.args("--n_iters", "1", *flags, out=out))
+        readers = [(lambda: run("--eval_only")[0]["accuracy"], record["accuracy"]),
+                   (lambda: run("--adapter", os.path.join(folder, "adapter.pt"),
+                                out="none")[0]["accuracy"], record["accuracy"]),
+                   (lambda: run("--skip_done")[1], f"done: {folder}\n"),
+                   (lambda: cell in results.summarize(args.save_path), True)]
+        for reader, expected in readers:
+            os.rename(folder, os.path.join(os.path.dirname(folder), f".seed1.old{dead}"))
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                self.assertEqual(reader(), expected)
+            self.assertEqual(err.getvalue(), f"recovered {folder}: a save was interrupted; the "
+                                             "previous run is back in place\n")
+            self.assertEqual(sorted(os.listdir(folder)), ["adapter.pt", "results.json"])
 
     def test_a_checkpoint_holds_its_device_stream_and_the_time_so_far(self):
         flags = ["--n_iters", "3", "--batch_size", "4", "--print_every", "1"]
@@ -2332,6 +2455,20 @@ class TestCommandLine(unittest.TestCase):
         model, _ = adapted("lora")
         tensors = comp_lora.lora_state_dict(model)
         first = next(iter(tensors))
+        comp = train.parse_args(["--backbone", "tiny", "--dataset", "eurosat", "--shots", "4",
+                                 "--n_iters", "1", "--method", "comp"])
+        other = dict(train.run_config(comp, torch.device("cpu")), seed=1)
+        checkpoints = {"othercheckpoint": {"config": other, "iteration": 2},
+                       "adaptercheckpoint": {"config": config, "state_dict": tensors},
+                       "foldercheckpoint": None}
+        for name, content in checkpoints.items():  # where a run keeps its checkpoint
+            path = os.path.join(tmp, name, "eurosat", "lora", "4shots", "seed1.checkpoint.pt")
+            os.makedirs(path if content is None else os.path.dirname(path))
+            if content is None:  # a user's folder, with a file of theirs in it
+                open(os.path.join(path, "notes.txt"), "w").close()
+            else:
+                torch.save(content, path)
+        os.makedirs(os.path.join(tmp, "folderlog", "results.jsonl"))
         for name, content in (("extra", {"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}}),
                               ("shape", {"config": config, "state_dict": {**tensors, first: torch.zeros(3, 3)}}),
                               ("notdict", {"config": "lora", "state_dict": tensors}),
@@ -2420,7 +2557,7 @@ class TestCommandLine(unittest.TestCase):
             (adapter("notdict"), "not an adapter file of train.py or CLIP-LoRA"),
             (adapter("r4"), "adapter r is 4, but this run has r 2"),
             (["--export_merged", os.path.join(t, "nofolder", "m.pt")], f"--export_merged {t}/nofolder/m.pt: folder"),
-            (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: is a folder"),
+            (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: names a"),
             (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
             (["--method", "comp", "--comp_ratio", "0.999"], "--comp_ratio 0.999: visual.transformer.resblocks.0.attn."
                                                             "q_proj: comp_ratio=0.999: expected a number in [0, 1) that "
@@ -2434,8 +2571,24 @@ class TestCommandLine(unittest.TestCase):
             (["--backbone", os.path.join(t, "badshape.pt"), "--export_merged", os.path.join(t, "badshape.pt")],
              "which --backbone names"),
             (["--checkpoint_every", "-1"], "--checkpoint_every -1: expected 0 or more"),
-            (["--save_path", os.path.join(t, "badcheckpoint"), "--resume"], "seed1.checkpoint.pt: not a readable "
-                                                                             "checkpoint"),
+            (["--save_path", os.path.join(t, "badcheckpoint"), "--resume"],
+             "seed1.checkpoint.pt: not a checkpoint; choose another --save_path"),
+            # every path a run writes is checked for what will be done to it, before any work (#28)
+            (["--export_merged", os.path.join(t, "nofolder", "merged") + os.sep],
+             f"--export_merged {t}/nofolder/merged/: names a folder; expected a file name"),
+            (["--save_path", os.path.join(t, "foldercheckpoint"), "--resume"],
+             f"checkpoint {t}/foldercheckpoint/eurosat/lora/4shots/seed1.checkpoint.pt: names a"),
+            (["--save_path", os.path.join(t, "folderlog")],
+             f"log {t}/folderlog/results.jsonl: names a folder"),
+            (["--save_path", os.path.join(t, "othercheckpoint")],
+             "seed1.checkpoint.pt: a checkpoint with method 'comp', this run has method 'lora'; "
+             "choose another --save_path, or pass --overwrite to replace it"),
+            (["--save_path", os.path.join(t, "adaptercheckpoint"), "--resume"],
+             "seed1.checkpoint.pt: not a checkpoint; choose another --save_path"),
+            (["--checkpoint_every", "1" + "0" * 400],
+             f"--checkpoint_every 1{'0' * 400}: expected 0 or more, at most 2147483647"),
+            (["--shots", "9" * 401],
+             f"--shots {'9' * 401}: expected a positive integer, at most 2147483647"),
         ]
 
     def test_summarize_names_a_bad_results_file_and_goes_on(self):
@@ -2617,6 +2770,12 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         self.assertTrue(lines[0].startswith(f"skipped {os.path.join(broken, 'a', 'results.json')}: not valid JSON"))
         self.assertEqual(lines[1], f"error: {broken}: none of its 1 results.json files could be read "
                                    "(each is named above)")
+        missing = os.path.join(self.tmp, "missing")
+        with contextlib.redirect_stderr(io.StringIO()) as err, \
+                self.assertRaises(SystemExit) as exit_code:
+            results.main([missing])  # results.py DIR has no --summarize flag to name
+        self.assertEqual((exit_code.exception.code, err.getvalue()),
+                         (1, f"error: {missing}: not a folder\n"))
         for argv in (["--format", "csv"], ["--plot", "x.png"]):  # summary flags belong to results.py
             with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as exit_code:
                 train.main(argv)
@@ -2694,7 +2853,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
                                (folder + ".png", None), (os.path.join(folder, "a.pdf"), "ending in .png")):
             if reason is None:  # a folder named like a PNG
                 os.makedirs(target)
-                reason = "is a folder"
+                reason = "names a folder"
             with self.assertRaisesRegex(train.UserError, rf"^--plot {target}: .*{reason}") as raised:
                 summarized(self.tmp, plot=target)
             self.assertNotIn("\n", str(raised.exception))

@@ -34,6 +34,7 @@ from results import UserError
 METHODS = {"lora": LoRALinear, "comp": CompLoRALinear, "block": BlockLoRALinear}
 LOGIT_SCALE = 100  # CLIP-LoRA's fixed scale on the cosine similarities (main.py), not the learnt one
 MAX_SEED = 2 ** 32 - 1  # numpy's limit in CLIP-LoRA's seeding (run_utils.py set_random_seed)
+MAX_COUNT = 2 ** 31 - 1  # the bound of every other integer flag: far beyond any run, and a C int
 
 
 def parse_args(argv=None):
@@ -103,13 +104,15 @@ def check_args(args):
     if data.DATASETS.get(args.dataset) and data.DATASETS[args.dataset].eval_only:
         raise UserError(f"--dataset {args.dataset}: evaluation only (no train split); use it in --eval_datasets")
     counts, shares = ("shots", "n_iters", "batch_size", "r", "blocks", "print_every"), ("dropout_rate", "comp_ratio")
-    numbers = [(flag, lambda n: n >= 1, "a positive integer") for flag in counts]
-    numbers += [(flag, lambda n: n >= 0, "0 or more") for flag in ("workers", "checkpoint_every")]
+    numbers = [(flag, lambda n: 1 <= n <= MAX_COUNT, f"a positive integer, at most {MAX_COUNT}")
+               for flag in counts]
+    numbers += [(flag, lambda n: 0 <= n <= MAX_COUNT, f"0 or more, at most {MAX_COUNT}")
+                for flag in ("workers", "checkpoint_every")]
     numbers += [("seed", lambda n: 0 <= n <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"), ("lr", lambda lr: lr > 0,
                 "a positive number"), ("alpha", lambda a: a != 0, "a finite number other than 0")]
     numbers += [(flag, lambda share: 0 <= share < 1, "a number in [0, 1)") for flag in shares]
-    for flag, valid, expected in numbers:
-        if not (math.isfinite(getattr(args, flag)) and valid(getattr(args, flag))):
+    for flag, valid, expected in numbers:  # bounds first: an int of 400 digits has no float
+        if not (valid(getattr(args, flag)) and math.isfinite(getattr(args, flag))):
             raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
     if len(set(args.params)) != len(args.params):
         raise UserError(f"--params {' '.join(args.params)}: a projection named twice; expected distinct ones")
@@ -118,13 +121,18 @@ def check_args(args):
     if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
         raise UserError(f"--backbone {args.backbone!r}: expected one of {clip_model.available_models()} "
                         "or the path of a weights file")
+    run, log = run_dir(args), os.path.join(args.save_path, "results.jsonl")
+    # every reader of a run folder first puts back one a killed save set aside (results.recover)
+    results.recover(os.path.dirname(os.path.abspath(args.adapter)) if args.adapter else run)
     if args.adapter and not os.path.isfile(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such file")
+    # training replaces the run folder (staged in its parent) and its checkpoint, appends to the log
+    writes = {run: "output directory", run + results.CHECKPOINT: "checkpoint", log: "log"}
+    for path in {} if args.eval_only or args.adapter else writes:
+        results.check_writable(path, writes[path], folder=path == run, create=True)
     if args.export_merged:  # never written over an input of the run or another of its outputs
         results.check_writable(args.export_merged, "--export_merged")
-        run = run_dir(args)
-        outputs = [os.path.join(run, "adapter.pt"), os.path.join(run, "results.json"), run + results.CHECKPOINT,
-                   os.path.join(args.save_path, "results.jsonl")]
+        outputs = [*writes, os.path.join(run, "adapter.pt"), os.path.join(run, "results.json")]
         taken = [("--backbone", args.backbone), ("--adapter", args.adapter), ("--filename", clip_lora_file(args))]
         for flag, path in taken + [("--save_path", path) for path in outputs]:
             if path and os.path.realpath(path) == os.path.realpath(args.export_merged):
@@ -226,7 +234,15 @@ def test_loader(dataset, preprocess, args):
 # -------------------------------------------------------------------------------- training
 
 MAX_SKIPPED_STEPS = 100  # fp16: overflowing steps in a row that stop a run (our bound; a transient one is skipped)
-STOP = {"deferred": False, "signal": None}  # while training, Ctrl-C and SIGTERM wait for the step's end (see stop)
+NOTHING_KEPT = "nothing of this run was written; earlier results are unchanged"
+# while training and saving, Ctrl-C and SIGTERM wait for the step's (save's) end (see stop);
+# kept: what of this run is on disk now, said when interrupted
+STOP = {"deferred": False, "signal": None, "kept": NOTHING_KEPT}
+
+
+def checkpoint_kept(iteration, args):
+    return (f"the checkpoint at iteration {iteration}/{args.n_iters * args.shots} is kept "
+            "(continue with --resume); earlier results are unchanged")
 
 
 def train(model, dataset, args, device, resolution, identity, resume=None):
@@ -291,9 +307,9 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
                     results.write_checkpoint(run_dir(args) + results.CHECKPOINT, dict(identity, seed=args.seed), {
                         "iteration": iteration, "skipped": skipped, "seconds": time.time() - start},
                         comp_lora.lora_state_dict(model), parts, device)
+                    STOP["kept"] = checkpoint_kept(iteration, args)
                 if STOP["signal"]:
-                    kept = "continue with --resume" if args.checkpoint_every else "no checkpoint (--checkpoint_every 0)"
-                    raise Stopped(STOP["signal"], f"at iteration {iteration}/{total}; {kept}")
+                    raise Stopped(STOP["signal"])
             if not skipped:
                 for key, value in (("loss", loss.item() * len(target)), ("seen", len(target)), ("iterations", 1),
                                    ("correct", (logits.argmax(-1) == target).sum().item())):
@@ -329,18 +345,21 @@ def clip_lora_file(args):
 
 def run(args):
     """Train (or with --eval_only/--adapter, re-evaluate) one configuration; returns the results dict."""
+    STOP.update(deferred=False, signal=None, kept=NOTHING_KEPT)
     device = check_args(args)
     evaluate_only = args.eval_only or bool(args.adapter)
     config, identity, out = adapter_config(args), run_config(args, device), run_dir(args)
     adapter_path = results.adapter_to_read(args.adapter, out, clip_lora_file(args)) if evaluate_only else None
+    checkpoint = None
     if not evaluate_only:
-        results.check_writable(out, "output directory", new_file=False)
-        results.recover(out)
         if results.check_run_identity(out, identity, args.overwrite, args.skip_done):
             print(f"done: {out}")
             return None
-    resume = args.resume and not evaluate_only and results.read_checkpoint(out + results.CHECKPOINT,
-                                                                            dict(identity, seed=args.seed), device)
+        checkpoint = results.read_checkpoint(
+            out + results.CHECKPOINT, dict(identity, seed=args.seed), device, args.resume, args.overwrite)
+    if checkpoint:  # on disk until this run writes its own
+        STOP["kept"] = checkpoint_kept(checkpoint["iteration"], args)
+    resume = args.resume and checkpoint
     # A seed fixes the few-shot images (CLIP-LoRA's draw item for item, seeded again in build_dataset) and our own
     # training randomness: lora_A and the dropout masks (torch's global stream, seeded here, drawn from by nothing
     # else), shuffles and crops (data.make_loader); not the official code's streams for those (run_utils.py).
@@ -394,30 +413,38 @@ def run(args):
 
     for layer in layers:
         layer.unmerge()
-    if args.export_merged:  # a plain CLIP state dict, OpenAI's layout, on the CPU
-        merged = {key: value.cpu() for key, value in comp_lora.merge_and_unload(model).openai_state_dict().items()}
-        results.save(args.export_merged, lambda f: torch.save(merged, f))
-    if not evaluate_only:
+    if not evaluate_only:  # before the export: a failed export never costs the run
+        STOP["deferred"] = True  # a first signal waits for the run to be saved
         results.save(out, {"adapter.pt": lambda f: torch.save(adapter, f),
                            "results.json": lambda f: f.write(json.dumps(record, indent=2).encode())},
                      log=(os.path.join(args.save_path, "results.jsonl"), json.dumps(record) + "\n"),
                      before_commit=lambda: results.check_run_identity(out, identity, args.overwrite))
-        print(f"saved {os.path.join(out, 'adapter.pt')} and results.json")
         results.remove(out + results.CHECKPOINT)  # the run is complete: nothing to resume
+        STOP.update(deferred=False, kept=f"the run was saved in {out}")
+        print(f"saved {os.path.join(out, 'adapter.pt')} and results.json")
+        if STOP["signal"]:
+            raise Stopped(STOP["signal"])
+    if args.export_merged:  # a plain CLIP state dict, OpenAI's layout, on the CPU
+        merged = {key: value.cpu()
+                  for key, value in comp_lora.merge_and_unload(model).openai_state_dict().items()}
+        try:
+            results.save(args.export_merged, lambda f: torch.save(merged, f))
+        except UserError as error:  # what the run itself left is unchanged
+            raise UserError(f"{error} ({STOP['kept']})") from None
     return record
 
 
 class Stopped(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM; args: the signal number, and what was kept when training had begun."""
+    """Ctrl-C or SIGTERM; args: the signal number. What it leaves on disk: STOP["kept"]."""
 
 
 def stop(number, frame):
-    """Signal handler: inside a training step, the step ends first (a checkpoint holds whole steps); else at once,
-    and a second signal never waits."""
+    """Signal handler: inside a training step or the run's save, that ends first (a checkpoint holds
+    whole steps); else at once, and a second signal never waits."""
     if STOP["deferred"] and not STOP["signal"]:
         STOP["signal"] = number
     else:
-        raise Stopped(number, None)
+        raise Stopped(number)
 
 
 def main(argv=None):
@@ -435,9 +462,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as interrupt:
-        number, kept = interrupt.args if isinstance(interrupt, Stopped) else (signal.SIGINT, None)
-        print(f"interrupted {kept or 'before the end: nothing of this run was written'}; earlier results are "
-              "unchanged", file=sys.stderr)
+        print(f"interrupted: {STOP['kept']}", file=sys.stderr)
+        number = interrupt.args[0] if isinstance(interrupt, Stopped) else signal.SIGINT
         sys.exit(128 + number)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     except OSError as error:  # a fault no check foresaw (disk, permissions): still one line, with the path
         print(f"error: {f'{error.filename}: ' if error.filename else ''}{error.strerror or error}", file=sys.stderr)
