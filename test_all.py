@@ -2458,7 +2458,7 @@ class TestCommandLine(unittest.TestCase):
         comp = train.parse_args(["--backbone", "tiny", "--dataset", "eurosat", "--shots", "4",
                                  "--n_iters", "1", "--method", "comp"])
         other = dict(train.run_config(comp, torch.device("cpu")), seed=1)
-        checkpoints = {"othercheckpoint": {"config": other, "iteration": 2},
+        checkpoints = {"othercheckpoint": {"config": other, "iteration": 2, "rng": {"device": "cpu"}},
                        "adaptercheckpoint": {"config": config, "state_dict": tensors},
                        "foldercheckpoint": None}
         for name, content in checkpoints.items():  # where a run keeps its checkpoint
