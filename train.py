@@ -241,7 +241,8 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     # lora.py; GradScaler's defaults); bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     pinned = device.type == "cuda"  # pinned memory (CUDA only) lets the copies to the device overlap
-    loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
+    augment = data.train_transform(resolution, dataset.augment)  # DatasetSpec.augment
+    loader = data.make_loader(dataset.train, augment, batch_size=args.batch_size,
                               shuffle=True, workers=args.workers, seed=args.seed, pin_memory=pinned)
     parts, iteration, skipped = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, 0, 0
     if resume:
