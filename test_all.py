@@ -1611,7 +1611,7 @@ class TestTrain(WithSyntheticData):
         self.assertEqual(record["retention"]["synthetic"]["template"], "a centered satellite photo of {}.")
         self.assertRegex(printed, r"test accuracy: [\d.]+ \(prompt 'a photo of a \{\}\.'\)")
         self.assertRegex(printed, r"synthetic: zero-shot plain [\d.]+  adapted [\d.]+  retention \S+ \(prompt "
-                                  r"'a centered satellite photo of \{\}\.', CoOp's for this dataset\)")
+                                  r"'a centered satellite photo of \{\}\.', this dataset's zero-shot prompt\)")
 
     def saved_model(self, args):
         """A fresh tiny CLIP with the adapter that `args`' run saved, in eval mode."""

@@ -4,12 +4,14 @@ a few-shot task under a style shift while keeping zero-shot ability on the other
 mechanism check on a toy world, not the papers' setting.
 
     python toy_world.py    # pretrain once (minutes on a CPU, then cached), print zero-shot accuracy
+    python toy_world.py --table DIR --plot FILE.png    # a sweep's table and plot (see README.md)
 
 A scene holds 1 to 4 objects of one shape, colour and texture, each in a quadrant of its own; a
 single object also has a position. A caption names a random subset of these attributes. Every
 image, caption and weight comes from seeded torch.Generator objects (the initial weights from
 clip_model.build_random, which leaves torch's global stream as it was): the same settings give the
 same files and weights, bit for bit on the same CPU."""
+import argparse
 import functools
 import hashlib
 import json
@@ -309,8 +311,87 @@ def zero_shot(model, task, per_class=PER_CLASS["test"], seed=0):
     return 100 * (image @ text.t()).argmax(dim=-1).eq(labels).float().mean().item()
 
 
-def main():
-    model = load_pretrained()
+# ------------------------------------------------------------------------------- a sweep's results
+def sweep_cells(directory):
+    """{(configuration label, dataset, shots): {metric: (mean, std, seeds)}} over the runs under
+    `directory`, for each of results.METRICS (accuracy, retention), as results.py groups them."""
+    cells = {}
+    for metric in results.METRICS:
+        for group in results.summary_groups(results.read_results(directory, metric)):
+            for dataset, stats in results.group_table(group)[1]:
+                for shots, (mean, std, seeds) in stats.items():
+                    key = (group["label"], dataset, shots)
+                    cells.setdefault(key, {})[metric] = (mean, std, len(seeds))
+    return cells
+
+
+def sweep_table(cells):
+    """A Markdown table: a row per configuration and dataset, accuracy and retention per shots."""
+    shots = sorted({key[2] for key in cells})
+    columns = [(s, metric) for s in shots for metric in results.METRICS]
+    header = " | ".join(f"{s}-shot {metric}" for s, metric in columns)
+    lines = [f"| configuration | dataset | {header} |", "|:---|:---|" + "---:|" * len(columns)]
+    for label, dataset in sorted({key[:2] for key in cells}):
+        row = [cells.get((label, dataset, s), {}).get(metric) for s, metric in columns]
+        lines.append(f"| {label} | {dataset} | " + " | ".join(map(_mean_std, row)) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(cell):
+    return f"{cell[0]:.1f} ± {cell[1]:.1f} ({cell[2]})" if cell else "-"
+
+
+def plot_tradeoff(cells, path):
+    """Accuracy against retention: a line per configuration and dataset through its shot counts
+    (mean and std over seeds, each point labelled with its shots); needs matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise results.UserError("--plot needs matplotlib, which is not installed: "
+                                "pip install matplotlib") from None
+    figure = Figure(figsize=(6.4, 4.4))
+    ax = figure.subplots()
+    colours, lines = {}, {}  # a colour per method, a line style per configuration of a method
+    for label, dataset in sorted({key[:2] for key in cells}):
+        method = label.split()[0]
+        colour = colours.setdefault(method, f"C{len(colours) % 10}")
+        lines[method] = lines.get(method, -1) + 1
+        points = sorted((s, cell) for (l, d, s), cell in cells.items()
+                        if (l, d) == (label, dataset) and len(cell) == len(results.METRICS))
+        x, dx, y, dy = ([cell[metric][k] for _, cell in points]
+                        for metric in ("retention", "accuracy") for k in (0, 1))
+        ax.errorbar(x, y, xerr=dx, yerr=dy, marker="o", capsize=2, label=f"{label} ({dataset})",
+                    color=colour, linestyle=("-", "--", ":", "-.")[lines[method] % 4])
+        for s, cell in points:
+            ax.annotate(str(s), (cell["retention"][0], cell["accuracy"][0]), fontsize=7)
+    ax.set_xlabel("retention (%): adapted / plain zero-shot, mean over --eval_datasets")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    results.save(path, lambda f: figure.savefig(f, format="png", dpi=100))
+
+
+def main(argv=None):
+    p = results.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default=CACHE, help="folder of the pretrained weights")
+    p.add_argument("--table", metavar="DIR", help="instead, the table of a sweep's runs under DIR")
+    p.add_argument("--plot", metavar="FILE.png", help="with --table: accuracy against retention")
+    args = p.parse_args(argv)
+    try:
+        if args.table:
+            if not os.path.isdir(args.table):
+                raise results.UserError(f"--table {args.table}: not a folder")
+            if args.plot:
+                results.check_writable(args.plot, "--plot")
+            cells = sweep_cells(args.table)
+            print(sweep_table(cells))
+            if args.plot:
+                plot_tradeoff(cells, args.plot)
+            return
+        model = load_pretrained(args.cache)
+    except (results.UserError, clip_model.LoadError) as error:
+        p.exit(1, f"error: {error}\n")
     print(f"{'task':<18} {'classes':>7} {'chance':>7} {'zero-shot':>9}")
     for task in TASKS:
         n = len(class_names(task))

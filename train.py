@@ -384,7 +384,7 @@ def run(args):
                                                     if plain else None, "template": ds.zeroshot_template}
         kept = f"{adapted / plain:.3f}" if plain else "n/a"
         print(f"{name}: zero-shot plain {plain:.2f}  adapted {adapted:.2f}  retention {kept} (prompt "
-              f"{ds.zeroshot_template!r}, CoOp's for this dataset)")
+              f"{ds.zeroshot_template!r}, this dataset's zero-shot prompt)")
     if novel is not None:
         new = zero_shot_accuracy(model, novel, template, preprocess, args, device)
         record.update(base_accuracy=final, new_accuracy=new,
