@@ -2099,6 +2099,8 @@ class TestCommandLine(unittest.TestCase):
             (["--export_merged", os.path.join(t, "nofolder", "m.pt")], f"--export_merged {t}/nofolder/m.pt: folder"),
             (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: is a folder"),
             (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
+            (["--eval_datasets", "toy_colour", "--root", os.path.join(t, "mine")],
+             f"{t}/mine exists and is not a demo folder"),
             (["--method", "comp", "--comp_ratio", "0.999"], "--comp_ratio 0.999: visual.transformer.resblocks.0.attn."
                                                             "q_proj: comp_ratio=0.999: expected a number in [0, 1) that "
                                                             "leaves a direction to train, at most 0.9921875 for width 128"),
@@ -2346,6 +2348,22 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         self.assertIn(f"| Average | {self.expected_average(4, 1):.2f} | "
                       f"{self.expected_average(4, 4, ('eurosat',)):.2f}\\* |", markdown)
 
+    def test_retention_metric_is_the_mean_over_the_eval_datasets(self):
+        folder = os.path.join(self.tmp, "retention")
+        for seed, ratios in ((1, (0.9, 1.0)), (2, (0.8, 0.9))):
+            path = write_result(folder, f"seed{seed}", seed, 50.0, dataset="dtd", shots=4)
+            with open(path) as f:
+                record = json.load(f)
+            record["retention"] = {f"set{i}": {"retention": ratio} for i, ratio in enumerate(ratios)}
+            with open(path, "w") as f:
+                json.dump(record, f)
+        without = write_result(folder, "seed3", 3, 50.0, dataset="dtd", shots=4)  # no --eval_datasets
+        table, err = summarized(folder, metric="retention")
+        mean, std = mean_std([95.0, 85.0])
+        self.assertIn(f"{mean:.2f} ± {std:.2f} (2)", table)
+        self.assertEqual(err, [f"skipped {without}: 'retention' is None, expected a number"])
+        self.assertIn("50.00 ± 0.00 (3)", summarized(folder)[0])  # the accuracy of all three
+
     def test_duplicate_run_counted_once(self):
         import shutil
         original = os.path.join(self.tmp, "r2", "dtd", "1shots", "seed1")
@@ -2498,7 +2516,9 @@ class TestToyWorld(unittest.TestCase):
     """toy_world.py: its drawings and captions, a short pretraining, its datasets read by data.py, and
     train.py on its backbone. Every file goes to a temporary folder, the pretrained model too (never
     the user's cache)."""
-    QUICK = dict(toy_world.PRETRAIN, steps=40, batch=64, warmup=5)  # a pretraining of seconds
+    # A pretraining of seconds. Small batches leave the first plateau (every feature alike) late and at
+    # a step that depends on the seed; with seed 0 this one leaves it early (colour 77% at 200 steps).
+    QUICK = dict(toy_world.PRETRAIN, steps=200, batch=16, warmup=10)
     PER_CLASS = {"train": 4, "val": 2, "test": 20}
 
     @classmethod
@@ -2552,7 +2572,7 @@ class TestToyWorld(unittest.TestCase):
         self.assertLessEqual(int(tokens.argmax(-1).max()) + 1, toy_world.MODEL["context_length"])
 
     def test_a_short_pretraining_lowers_the_loss_and_learns_colour(self):
-        self.assertRegex(self.printed.getvalue(), r"step 25/40  loss \d+\.\d+  elapsed \d+s  eta \d+s")
+        self.assertRegex(self.printed.getvalue(), r"step 25/200  loss \d+\.\d+  elapsed \d+s  eta \d+s")
         batch = toy_world.captioned(128, torch.Generator().manual_seed(9))  # not a training batch
         with torch.no_grad():
             before, after = (toy_world.batch_loss(model, batch, train.LOGIT_SCALE).item() for model in
@@ -2569,7 +2589,7 @@ class TestToyWorld(unittest.TestCase):
         self.assertEqual(printed, "")
         self.assertTrue(all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(),
                                                                self.model.state_dict().values())))
-        self.assertEqual(reloaded.logit_scale.exp().item(), train.LOGIT_SCALE)
+        self.assertAlmostEqual(reloaded.logit_scale.exp().item(), train.LOGIT_SCALE, places=4)
         tiny = dict(self.QUICK, steps=2, batch=8)
         (one, _), (two, _) = (toy_world.pretrain(tiny, log=lambda line: None) for _ in range(2))
         self.assertTrue(all(torch.equal(a, b) for a, b in zip(one.state_dict().values(),

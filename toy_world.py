@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import clip_model
 import data
@@ -186,7 +187,6 @@ def write_datasets(root, per_class=None, seed=0):
 
 
 def _write_tasks(folder, per_class, seed):
-    from torchvision.io import write_png  # here: only writing the datasets needs it
     for task in TASKS:
         spec, names = data.DATASETS[task], class_names(task)
         images_folder = os.path.join(folder, spec.folders[0], spec.images[0])
@@ -196,8 +196,10 @@ def _write_tasks(folder, per_class, seed):
             split[part] = [[f"{names[label].replace(' ', '_')}/{part}_{i}.png", label, names[label]]
                            for i, label in enumerate(labels.tolist())]
             for image, (relative, _, _) in zip(images, split[part]):
-                os.makedirs(os.path.dirname(os.path.join(images_folder, relative)), exist_ok=True)
-                write_png(image, os.path.join(images_folder, relative))
+                pixels = bytes(image.permute(1, 2, 0).flatten().tolist())  # rows of RGB triples
+                path = os.path.join(images_folder, relative)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.frombytes("RGB", (SIZE, SIZE), pixels).save(path)
         with open(os.path.join(folder, spec.folders[0], spec.split), "w") as f:
             json.dump(split, f, indent=1)
 
@@ -239,6 +241,16 @@ def batch_loss(model, batch, scale):
     return contrastive_loss(scale * image @ text.t(), fits(scene, mention))  # (images, captions)
 
 
+def _adamw(parameters, s):
+    """AdamW, fused into one kernel where torch has it on CPUs (2.4 on): here 10x faster than a loop
+    over the tensors, whose time the token embedding's 6.3M values dominate."""
+    options = dict(lr=s["lr"], betas=(0.9, 0.98), eps=1e-6, weight_decay=s["weight_decay"])
+    try:
+        return torch.optim.AdamW(parameters, fused=True, **options)
+    except RuntimeError:  # torch 2.3: fused on GPUs only
+        return torch.optim.AdamW(parameters, foreach=True, **options)
+
+
 def pretrain(settings=None, log=print):
     """A CLIP of MODEL's sizes trained contrastively on captioned scenes with `settings` (PRETRAIN's
     by default); returns (the model in eval mode, the losses). `log` gets the progress lines."""
@@ -246,9 +258,7 @@ def pretrain(settings=None, log=print):
     generator = torch.Generator().manual_seed(s["seed"])
     model = clip_model.build_random(seed=s["seed"], **MODEL)
     model.logit_scale.requires_grad_(False).fill_(math.log(LOGIT_SCALE))  # the scale it ends with
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=s["lr"], betas=(0.9, 0.98), eps=1e-6,
-                                  weight_decay=s["weight_decay"])
+    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], s)
     losses, start = [], time.time()
     model.train()
     for step in range(s["steps"]):
