@@ -330,9 +330,14 @@ def sweep_cells(directory):
         for group in results.summary_groups(results.read_results(directory, metric)):
             for dataset, stats in results.group_table(group)[1]:
                 for shots, (mean, std, seeds) in stats.items():
-                    key = (group["label"], dataset, shots)
+                    key = (_short(group["label"]), dataset, shots)
                     cells.setdefault(key, {})[metric] = (mean, std, len(seeds))
     return cells
+
+
+def _short(label):
+    """A configuration's label without the settings its method has not: "lora lr=0.002"."""
+    return " ".join(part for part in label.split() if not part.endswith("=none"))
 
 
 def sweep_table(cells):
