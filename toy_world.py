@@ -10,7 +10,8 @@ A scene holds 1 to 4 objects of one shape, colour and texture, each in a quadran
 single object also has a position. A caption names a random subset of these attributes. Every
 image, caption and weight comes from seeded torch.Generator objects (the initial weights from
 clip_model.build_random, which leaves torch's global stream as it was): the same settings give the
-same files and weights, bit for bit on the same CPU."""
+same files, and the same weights bit for bit on the same CPU with the same number of threads (the
+matrix products' sums depend on it: 1 and 2 threads end 4e-5 apart)."""
 import argparse
 import functools
 import hashlib
@@ -64,7 +65,7 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clip")  # openai/CLIP's
 
 # -------------------------------------------------------------------------------------- scenes
 def sample(n, generator, **fixed):
-    """Attributes of n random scenes, {attribute: LongTensor (n,) of word indices}; `fixed` too."""
+    """Attributes of n random scenes, {attribute: LongTensor (n,) of word indices}, or `fixed`."""
     scene = {name: torch.randint(len(words), (n,), generator=generator)
              for name, words in WORDS.items()}
     return {**scene, **{name: torch.as_tensor(value).expand(n) for name, value in fixed.items()}}
@@ -281,7 +282,8 @@ def pretrain(settings=None, log=print):
 def cache_path(cache=None, settings=None):
     """The weights' file in `cache` (CACHE by default), named by a hash of the world's, the model's
     and the pretraining's settings."""
-    key = json.dumps([VERSION, WORDS, PALETTE, MODEL, settings or PRETRAIN, LOGIT_SCALE])
+    key = json.dumps([VERSION, WORDS, PALETTE, MODEL, settings or PRETRAIN, LOGIT_SCALE],
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(cache or CACHE, f"toy-clip-{digest}.pt")
 
@@ -393,6 +395,8 @@ def main(argv=None):
     p.add_argument("--table", metavar="DIR", help="instead, the table of a sweep's runs under DIR")
     p.add_argument("--plot", metavar="FILE.png", help="with --table: accuracy against retention")
     args = p.parse_args(argv)
+    if args.plot and not args.table:
+        p.exit(2, "error: --plot FILE.png: only with --table DIR\n")
     try:
         if args.table:
             if not os.path.isdir(args.table):
