@@ -1611,7 +1611,8 @@ class TestTrain(WithSyntheticData):
         self.assertEqual(record["retention"]["synthetic"]["template"], "a centered satellite photo of {}.")
         self.assertRegex(printed, r"test accuracy: [\d.]+ \(prompt 'a photo of a \{\}\.'\)")
         self.assertRegex(printed, r"synthetic: zero-shot plain [\d.]+  adapted [\d.]+  retention \S+ \(prompt "
-                                  r"'a centered satellite photo of \{\}\.', this dataset's zero-shot prompt\)")
+                                  r"'a centered satellite photo of \{\}\.', "
+                                  r"this dataset's zero-shot prompt\)")
 
     def saved_model(self, args):
         """A fresh tiny CLIP with the adapter that `args`' run saved, in eval mode."""
@@ -2354,10 +2355,12 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
             path = write_result(folder, f"seed{seed}", seed, 50.0, dataset="dtd", shots=4)
             with open(path) as f:
                 record = json.load(f)
-            record["retention"] = {f"set{i}": {"retention": ratio} for i, ratio in enumerate(ratios)}
+            record["retention"] = {f"set{i}": {"retention": ratio}
+                                   for i, ratio in enumerate(ratios)}
             with open(path, "w") as f:
                 json.dump(record, f)
-        without = write_result(folder, "seed3", 3, 50.0, dataset="dtd", shots=4)  # no --eval_datasets
+        # a run without --eval_datasets
+        without = write_result(folder, "seed3", 3, 50.0, dataset="dtd", shots=4)
         table, err = summarized(folder, metric="retention")
         mean, std = mean_std([95.0, 85.0])
         self.assertIn(f"{mean:.2f} ± {std:.2f} (2)", table)
@@ -2406,7 +2409,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         self.assertFalse(os.path.exists(path))
 
     def test_no_module_imports_matplotlib(self):
-        code = ("import sys, clip_model, data, train\n"
+        code = ("import sys, clip_model, data, train, toy_world\n"
                 "print([name for name in sys.modules if name.split('.')[0] == 'matplotlib'])")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr)
@@ -2513,11 +2516,11 @@ def components(mask):
 
 
 class TestToyWorld(unittest.TestCase):
-    """toy_world.py: its drawings and captions, a short pretraining, its datasets read by data.py, and
-    train.py on its backbone. Every file goes to a temporary folder, the pretrained model too (never
-    the user's cache)."""
-    # A pretraining of seconds. Small batches leave the first plateau (every feature alike) late and at
-    # a step that depends on the seed; with seed 0 this one leaves it early (colour 77% at 200 steps).
+    """toy_world.py: its drawings and captions, a short pretraining, its datasets read by data.py,
+    and train.py on its backbone. Every file goes to a temporary folder, the pretrained model too
+    (never the user's cache)."""
+    # A pretraining of seconds. Small batches leave the first plateau (every feature alike) late,
+    # at a step that depends on the seed; with seed 0 this one leaves it early (colour: 77%).
     QUICK = dict(toy_world.PRETRAIN, steps=200, batch=16, warmup=10)
     PER_CLASS = {"train": 4, "val": 2, "test": 20}
 
@@ -2539,8 +2542,8 @@ class TestToyWorld(unittest.TestCase):
 
     def test_drawings_are_functions_of_the_seed_and_match_their_captions(self):
         """Count words against the groups of bright pixels, colour words against the lit pixels."""
-        first, again, other = (toy_world.captioned(48, torch.Generator().manual_seed(seed), p_mention=1)
-                               for seed in (5, 5, 6))
+        first, again, other = (toy_world.captioned(48, torch.Generator().manual_seed(seed),
+                                                   p_mention=1) for seed in (5, 5, 6))
         self.assertTrue(torch.equal(first[1], again[1]))
         self.assertEqual(first[2], again[2])
         self.assertFalse(torch.equal(first[1], other[1]))
@@ -2552,7 +2555,8 @@ class TestToyWorld(unittest.TestCase):
             bright = image.max(dim=0).values > 80  # the background is at most 40 plus noise
             self.assertEqual(components(bright), counts[words[3]], text)
             pixels = image[:, bright].float()  # (3, pixels of the objects)
-            lit = pixels[:, pixels.sum(0) >= pixels.sum(0).median()].mean(dim=1)  # not the dark stripes
+            brightness = pixels.sum(dim=0)
+            lit = pixels[:, brightness >= brightness.median()].mean(dim=1)  # not the dark stripes
             nearest = min(palette, key=lambda name: (palette[name] - lit).norm())
             self.assertEqual(nearest, words[5], text)
             seen.add((words[3], words[5]))
@@ -2562,7 +2566,8 @@ class TestToyWorld(unittest.TestCase):
         scene, _, texts, mention = toy_world.captioned(64, torch.Generator().manual_seed(1))
         fit = toy_world.fits(scene, mention)
         self.assertTrue(fit.diagonal().all())
-        scene, mention, fit = {k: v.tolist() for k, v in scene.items()}, mention.tolist(), fit.tolist()
+        scene = {name: values.tolist() for name, values in scene.items()}
+        mention, fit = mention.tolist(), fit.tolist()
         for i, j in itertools.product(range(64), repeat=2):
             named = [name for k, name in enumerate(toy_world.WORDS) if mention[j][k]]
             same = all(scene[name][i] == scene[name][j] for name in named)
@@ -2572,11 +2577,13 @@ class TestToyWorld(unittest.TestCase):
         self.assertLessEqual(int(tokens.argmax(-1).max()) + 1, toy_world.MODEL["context_length"])
 
     def test_a_short_pretraining_lowers_the_loss_and_learns_colour(self):
-        self.assertRegex(self.printed.getvalue(), r"step 25/200  loss \d+\.\d+  elapsed \d+s  eta \d+s")
+        self.assertRegex(self.printed.getvalue(),
+                         r"step 25/200  loss \d+\.\d+  elapsed \d+s  eta \d+s")
         batch = toy_world.captioned(128, torch.Generator().manual_seed(9))  # not a training batch
         with torch.no_grad():
-            before, after = (toy_world.batch_loss(model, batch, train.LOGIT_SCALE).item() for model in
-                             (clip_model.build_random(seed=0, **toy_world.MODEL), self.model))
+            untrained = clip_model.build_random(seed=0, **toy_world.MODEL)
+            before, after = (toy_world.batch_loss(model, batch, train.LOGIT_SCALE).item()
+                             for model in (untrained, self.model))
         self.assertLess(after, before - 0.3)
         chance = 100 / len(toy_world.WORDS["colour"])
         self.assertGreater(toy_world.zero_shot(self.model, "toy_colour", per_class=20), 3 * chance)
@@ -2597,16 +2604,17 @@ class TestToyWorld(unittest.TestCase):
 
     def test_toy_datasets_load_through_data_py_with_their_prompts(self):
         prompts = {"toy_colour": "a photo of a red shape.", "toy_count": "a photo of one shape.",
-                   "toy_position": "a photo of a shape on the left.", "toy_shape": "a photo of a circle.",
-                   "toy_texture": "a photo of a solid shape.", "toy_outline_count": "a photo of one shape."}
+                   "toy_position": "a photo of a shape on the left.",
+                   "toy_shape": "a photo of a circle.", "toy_texture": "a photo of a solid shape.",
+                   "toy_outline_count": "a photo of one shape."}
         for task, prompt in prompts.items():
             dataset = data.build_dataset(task, self.root, shots=2, seed=1)
             self.assertEqual(dataset.classnames, toy_world.class_names(task))
             self.assertEqual(dataset.template, [dataset.zeroshot_template])
             self.assertEqual(dataset.template[0].format(dataset.classnames[0]), prompt)
             self.assertEqual(dataset.augment, "none" if task == "toy_position" else "flip")
-            self.assertEqual((len(dataset.train), len(dataset.test)), (2 * len(dataset.classnames),
-                                                                       20 * len(dataset.classnames)))
+            classes = len(dataset.classnames)
+            self.assertEqual((len(dataset.train), len(dataset.test)), (2 * classes, 20 * classes))
         real = {spec.augment for name, spec in data.DATASETS.items() if not name.startswith("toy_")}
         self.assertEqual(real, {"crop"})  # CLIP-LoRA's crop stays for every real dataset
         # the files are a function of the seed; a folder of the user's is never written into
@@ -2616,7 +2624,8 @@ class TestToyWorld(unittest.TestCase):
         mine = os.path.join(self.tmp, "mine")
         os.makedirs(mine)
         touch(os.path.join(mine, "notes.txt"))
-        with self.assertRaisesRegex(data.DataError, f"^{re.escape(mine)} exists and is not a demo folder"):
+        refusal = f"^{re.escape(mine)} exists and is not a demo folder"
+        with self.assertRaisesRegex(data.DataError, refusal):
             data.build_datasets("dtd", ["toy_colour"], mine, 1, 1)
         self.assertEqual(os.listdir(mine), ["notes.txt"])
         # flip keeps every object: the image or its mirror, never a crop
@@ -2629,8 +2638,8 @@ class TestToyWorld(unittest.TestCase):
             self.assertTrue(torch.equal(flipped, plain) or torch.equal(flipped, plain.flip(-1)))
 
     def test_train_py_on_the_toy_backbone_with_retention(self):
-        """--backbone toy loads the cached model (the temporary cache: no second pretraining); the plain
-        model's accuracy on the written files is toy_world's on the drawn images."""
+        """--backbone toy loads the cached model (the temporary cache: no second pretraining); the
+        plain model's accuracy on the written files is toy_world's on the drawn images."""
         with mock.patch.object(toy_world, "CACHE", self.cache), \
                 mock.patch.object(toy_world, "PRETRAIN", self.QUICK), \
                 mock.patch.object(toy_world, "PER_CLASS", self.PER_CLASS):
@@ -2643,8 +2652,8 @@ class TestToyWorld(unittest.TestCase):
         for task in ("toy_colour", "toy_position"):
             self.assertAlmostEqual(record["retention"][task]["plain"],
                                    toy_world.zero_shot(self.model, task, per_class=20), places=4)
-        self.assertAlmostEqual(record["zero_shot_accuracy"],
-                               toy_world.zero_shot(self.model, "toy_outline_count", per_class=20), places=4)
+        target = toy_world.zero_shot(self.model, "toy_outline_count", per_class=20)
+        self.assertAlmostEqual(record["zero_shot_accuracy"], target, places=4)
         self.assertRegex(printed, r"toy_colour: zero-shot plain [\d.]+  adapted [\d.]+  retention")
         summary = results.summarize(os.path.join(self.tmp, "out"), metric="retention")
         retention = statistics.mean(entry["retention"] for entry in record["retention"].values())
