@@ -219,9 +219,9 @@ def _tokens(text):
 
 def contrastive_loss(logits, fit):
     """Multi-positive InfoNCE, both ways: each image's target spreads evenly over the captions that
-    fit it, each caption's over the images it fits (UniCL, arXiv 2204.03610, eq. 2-3); with one
-    positive per row, CLIP's symmetric cross-entropy (arXiv 2103.00020, sec. 2.3, figure 3).
-    logits: images x captions."""
+    fit it, each caption's over the images it fits (UniCL's L_i2t and L_t2i, arXiv 2204.03610, sec.
+    3); with one positive per row, CLIP's symmetric cross-entropy (arXiv 2103.00020, sec. 2.3,
+    figure 3). logits: images x captions."""
     fit = fit.float()
     image_to_text = F.cross_entropy(logits, fit / fit.sum(dim=1, keepdim=True))
     text_to_image = F.cross_entropy(logits.t(), fit.t() / fit.sum(dim=0)[:, None])
