@@ -359,8 +359,9 @@ def _read_state_dict(path):
 
 
 def available_models():
-    """Names `load` accepts besides a file path ("tiny" is a random model for tests and demos)."""
-    return list(_MODELS) + ["tiny"]
+    """Names `load` accepts besides a file path ("tiny": a random model for tests and demos; "toy":
+    the toy world's pretrained small CLIP)."""
+    return list(_MODELS) + ["tiny", "toy"]
 
 
 def model_name(name_or_path):
@@ -372,6 +373,9 @@ def load(name_or_path, device="cpu", download_root=None):
     """(model, preprocess) for an OpenAI model name, "tiny", or a weights file; the model is float32, in eval mode."""
     if name_or_path == "tiny":
         model = build_random(**TINY_CONFIG)
+    elif name_or_path == "toy":  # pretrained on first use, then cached in download_root
+        import toy_world  # here: toy_world imports this module
+        model = toy_world.load_pretrained(download_root)
     elif name_or_path in _MODELS or os.path.isfile(name_or_path):
         path = (_download(name_or_path, download_root or os.path.expanduser("~/.cache/clip"))
                 if name_or_path in _MODELS else name_or_path)

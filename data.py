@@ -15,6 +15,7 @@ The protocol is CLIP-LoRA's (MaxZanella/CLIP-LoRA `main.py`, `datasets/*.py`), w
   folder. Names: CoOp's classnames.txt if present, else imagenet_classes.txt (CLIP's names, looked up by wnid).
 - Prompts: CLIP-LoRA's `template = ['a photo of a {}.']` in every dataset; zero-shot: CoOp `trainers/zsclip.py`
   CUSTOM_TEMPLATES. Both put ' ' for '_' (CLIP-LoRA `utils.py` clip_classifier, `lora.py`): `classnames` have it.
+  The toy world's datasets (toy_world.py) have one prompt of their own for both.
 - Base/new split (CoCoOp; CoOp `datasets/oxford_pets.py` subsample_classes, after the draw): sorted labels,
   m = ceil(n / 2), base = the first m, new = the rest, relabelled 0..; the same in train, val and test.
 """
@@ -64,6 +65,8 @@ class DatasetSpec:
     split: str = "classnames.txt"  # the split file (split_json) or class-name file
     zeroshot_template: str = "a photo of a {}."  # CoOp trainers/zsclip.py CUSTOM_TEMPLATES
     renames: dict = field(default_factory=dict)
+    template: str = "a photo of a {}."  # the training prompt: CLIP-LoRA's (datasets/*.py)
+    augment: str = "crop"  # train_transform's: CLIP-LoRA's crop, or flip or none (no crop)
 
     @property
     def eval_only(self):
@@ -72,6 +75,11 @@ class DatasetSpec:
 
 def _coop(folders, images, split, template="a photo of a {}.", renames=None):  # read from CoOp's split file
     return DatasetSpec(folders, (images,), "split_json", f"split_zhou_{split}.json", template, renames or {})
+
+
+def _toy(name, prompt, augment="flip"):  # one prompt for training and zero-shot alike
+    return DatasetSpec((name,), ("images",), "split_json", "split.json", prompt, template=prompt,
+                       augment=augment)
 
 
 DATASETS = {
@@ -95,6 +103,14 @@ DATASETS = {
     "imagenet_a": DatasetSpec(("imagenet-adversarial",), ("imagenet-a",), "wnid_folders"),
     "imagenet_r": DatasetSpec(("imagenet-rendition",), ("imagenet-r",), "wnid_folders"),
     "imagefolder": DatasetSpec(("imagefolder",), ("",), "imagefolder", ""),
+    # The toy world's tasks (toy_world.py writes them on first use). Their objects are a few pixels
+    # wide: no crop; no flip either where it would swap left and right.
+    "toy_colour": _toy("toy_colour", "a photo of a {} shape."),
+    "toy_count": _toy("toy_count", "a photo of {}."),
+    "toy_position": _toy("toy_position", "a photo of a shape {}.", augment="none"),
+    "toy_texture": _toy("toy_texture", "a photo of a {} shape."),
+    "toy_shape": _toy("toy_shape", "a photo of a {}."),
+    "toy_outline_count": _toy("toy_outline_count", "a photo of {}."),
 }
 
 
@@ -127,6 +143,7 @@ class FewShotData:
     train: list
     val: list
     test: list
+    augment: str = "crop"  # DatasetSpec.augment
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -359,14 +376,21 @@ def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", te
         raise DataError(f"{flag} {name}: {error}") from None
     # after the draw, as CoCoOp (CoOp datasets/*.py): the draw does not depend on it. Copies keep LISTINGS as read.
     classnames, splits = subsample_classes(classnames, (train, val, test), subsample)
-    return FewShotData(name, list(classnames), ["a photo of a {}."], spec.zeroshot_template, *map(list, splits))
+    return FewShotData(name, list(classnames), [spec.template], spec.zeroshot_template,
+                       *map(list, splits), spec.augment)
 
 
 def build_datasets(name, test_names, root, shots, seed, subsample="all", demo_root="synthetic_data"):
     """A run's datasets, all under one data root: (dataset, its new classes or None, {name: test-only dataset}).
-    The demo's name "synthetic" is EuroSAT's layout in the folder write_synthetic makes (`root`, else `demo_root`)."""
+    The demo's name "synthetic" is EuroSAT's layout in the folder write_synthetic makes (`root`,
+    else `demo_root`); the toy world's datasets (toy_*) are in the one toy_world.write_datasets
+    makes (`root`, else toy_data/ beside `demo_root`)."""
     if name == "synthetic":
         root = write_synthetic(root or demo_root)
+    if any(n.startswith("toy_") for n in (name, *test_names)):
+        import toy_world  # here: toy_world imports this module
+        demo_root = os.path.join(os.path.dirname(demo_root), "toy_data")
+        root = toy_world.write_datasets(root or demo_root)
     real = {"synthetic": "eurosat"}
     dataset = build_dataset(real.get(name, name), root, shots, seed, subsample)
     novel = build_dataset(real.get(name, name), root, shots, seed, "new") if subsample == "base" else None
@@ -376,11 +400,16 @@ def build_datasets(name, test_names, root, shots, seed, subsample="all", demo_ro
 
 # -------------------------------------------------------------------------------- images and loaders
 
-def train_transform(size):
-    """CLIP-LoRA main.py's training augmentation, for images of `size` pixels."""
+def train_transform(size, augment="crop"):
+    """The training augmentation (DatasetSpec.augment) for images of `size` pixels. crop: CLIP-LoRA
+    main.py's (a random resized crop, a flip); flip: the test-time resize and center crop, a flip;
+    none: that resize and crop alone."""
     from torchvision import transforms as T  # here, so that flag errors need not wait for torchvision to import
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(p=0.5), T.ToTensor(), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
+    bicubic = T.InterpolationMode.BICUBIC
+    crop = ([T.RandomResizedCrop(size, scale=(0.08, 1), interpolation=bicubic)] if augment == "crop"
+            else [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
+    flip = [T.RandomHorizontalFlip(p=0.5)] if augment != "none" else []
+    return T.Compose(crop + flip + [T.ToTensor(), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
 
 
 def _sample_seed(*numbers):
@@ -447,7 +476,7 @@ def make_loader(items, transform, batch_size, shuffle, workers, seed=0, pin_memo
 # One colour per class, far apart so that even a tiny, randomly initialised CLIP tells them apart.
 _PALETTE = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 210, 40), (200, 60, 200),
             (40, 200, 210), (240, 140, 30), (120, 60, 170), (235, 235, 235), (110, 110, 110)]
-_SYNTHETIC_MARK = "synthetic_demo.json"  # written last: its presence means the folder is complete
+_DEMO_MARK = "synthetic_demo.json"  # written last: its presence means the folder is complete
 
 
 def _synthetic_image(label, size, generator):
@@ -467,10 +496,18 @@ def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, 
     folders = list(EUROSAT_CLASSNAMES)
     if not 1 <= n_classes <= len(folders):
         raise DataError(f"n_classes {n_classes}: expected 1 to {len(folders)} (EuroSAT has {len(folders)} classes)")
-    root = os.path.abspath(root)
     params = dict(n_classes=n_classes, n_train_per_class=n_train_per_class, n_test_per_class=n_test_per_class,
                   size=size, seed=seed)
-    if _is_synthetic(root, params):
+    return write_demo(root, params,
+                      lambda folder: _write_synthetic_files(folder, folders[:n_classes], params))
+
+
+def write_demo(root, params, write):
+    """Make the new folder `root` with write(folder), renamed into place when complete, with a mark
+    holding `params`; return it. A complete demo folder of the same `params` is reused (also a
+    concurrent call's); any other non-empty one is a DataError."""
+    root = os.path.abspath(root)
+    if _is_demo(root, params):
         return root
     if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
         raise DataError(f"{root} exists and is not a demo folder written by this program; the demo writes its "
@@ -483,11 +520,13 @@ def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, 
         raise DataError(f"cannot create the demo data folder in {parent} ({error.strerror})") from None
     try:
         os.chmod(building, 0o755)  # mkdtemp makes it private
-        _write_synthetic_files(building, folders[:n_classes], params)
+        write(building)
+        with open(os.path.join(building, _DEMO_MARK), "w") as f:
+            json.dump(params, f)
         try:
             os.rename(building, root)  # atomic; replaces `root` only if it is an empty folder
         except OSError:
-            if not _is_synthetic(root, params):  # a concurrent demo may have made the same folder first
+            if not _is_demo(root, params):  # a concurrent demo may have made the same folder first
                 raise
     except OSError as error:
         raise DataError(f"cannot write the demo data folder {root} ({error.strerror or error})") from None
@@ -496,9 +535,9 @@ def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, 
     return root
 
 
-def _is_synthetic(root, params):
+def _is_demo(root, params):
     try:
-        with open(os.path.join(root, _SYNTHETIC_MARK)) as f:
+        with open(os.path.join(root, _DEMO_MARK)) as f:
             return json.load(f) == params
     except (OSError, ValueError):
         return False
@@ -522,5 +561,3 @@ def _write_synthetic_files(root, folders, params):
         _synthetic_image(label, params["size"], generator).save(path, quality=95)  # JPEG quality; PNG ignores it
     with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
         json.dump(split, f, indent=1)
-    with open(os.path.join(root, _SYNTHETIC_MARK), "w") as f:
-        json.dump(params, f)

@@ -414,10 +414,20 @@ PAPER_DATASETS = {"imagenet": "ImageNet", "sun397": "SUN397", "fgvc": "Aircraft"
                   "stanford_cars": "Cars", "food101": "Food101", "oxford_pets": "Pets", "oxford_flowers": "Flowers",
                   "caltech101": "Caltech101", "dtd": "DTD", "ucf101": "UCF101"}
 FORMATS = ("text", "markdown", "csv")
+METRICS = ("accuracy", "retention")  # what a summary shows of each run (metric_value)
 MARKDOWN_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "*": "\\*"})
 
 
-def read_result(path):
+def metric_value(result, metric):
+    """A run's accuracy, or its retention: 100 x the mean over its --eval_datasets of adapted /
+    plain zero-shot accuracy, as train.py records them (None where it has none)."""
+    if metric == "accuracy":
+        return result.get("accuracy")
+    with contextlib.suppress(AttributeError, KeyError, TypeError, statistics.StatisticsError):
+        return 100 * statistics.mean(entry["retention"] for entry in result["retention"].values())
+
+
+def read_result(path, metric="accuracy"):
     """(config, seed, accuracy) of one results.json; ValueError(reason) if it cannot be read or lacks a field."""
     if not os.path.isfile(path) or os.path.getsize(path) > MAX_RESULTS_BYTES:
         raise ValueError("not a regular file" if not os.path.isfile(path) else f"{os.path.getsize(path):,d} bytes, "
@@ -435,7 +445,7 @@ def read_result(path):
     if not isinstance(result, dict):
         raise ValueError(f"holds a JSON {type(result).__name__}, expected an object" if text.strip() else
                          "empty file")
-    config, args, accuracy = result.get("config"), result.get("args"), result.get("accuracy")
+    config, args, accuracy = result.get("config"), result.get("args"), metric_value(result, metric)
     if not isinstance(config, dict):
         raise ValueError("lacks 'config', the run's settings" if config is None else "'config' is not an object")
     missing = [field for field in RUN_FIELDS if field not in config]
@@ -447,11 +457,11 @@ def read_result(path):
     if not isinstance(args, dict) or not is_int(args.get("seed")):
         raise ValueError("args['seed'] is missing or not an integer")
     if not is_number(accuracy):
-        raise ValueError(f"'accuracy' is {accuracy!r}, expected a number")
+        raise ValueError(f"{metric!r} is {accuracy!r}, expected a number")
     return config, args["seed"], float(accuracy)
 
 
-def read_results(directory):
+def read_results(directory, metric="accuracy"):
     """[(path, config, seed, accuracy)] of the results.json under `directory`; unreadable ones and repeats: skipped."""
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: not a folder")
@@ -468,7 +478,7 @@ def read_results(directory):
         found += 1
         path = os.path.join(folder, "results.json")
         try:
-            config, seed, accuracy = read_result(path)
+            config, seed, accuracy = read_result(path, metric)
             earlier, _, _, earlier_accuracy = first.setdefault((json.dumps(config, sort_keys=True), seed),
                                                                (path, config, seed, accuracy))
             if earlier != path:
@@ -566,7 +576,7 @@ def format_summary(groups, fmt):
     return "\n\n".join(blocks)
 
 
-def plot_summary(groups, path):
+def plot_summary(groups, path, metric="accuracy"):
     """Accuracy against shots as CLIP-LoRA's few_shot.png: a panel per dataset and for the average; needs matplotlib."""
     try:
         from matplotlib.figure import Figure
@@ -596,7 +606,8 @@ def plot_summary(groups, path):
         ax.set_xticks(all_shots)
         ax.set_xlabel("shots", fontsize=8)
         if index % columns == 0:
-            ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
+            ax.set_ylabel("top-1 accuracy (%)" if metric == "accuracy" else "retention (%)",
+                          fontsize=8)
     for ax in axes[len(titles):]:
         ax.axis("off")
     axes[len(titles)].legend(*axes[len(datasets)].get_legend_handles_labels(), loc="center", fontsize=8)
@@ -604,18 +615,19 @@ def plot_summary(groups, path):
     save(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
 
-def summarize(directory, fmt="text", plot=None):
+def summarize(directory, fmt="text", plot=None, metric="accuracy"):
     """Per configuration, the papers' table (a row per dataset, a column per shot count, mean ± std (seeds) over
-    seeds, an Average row) from the results.json files under `directory` (never from logs); `plot`: a PNG too."""
+    seeds, an Average row) from the results.json files under `directory` (never from logs); `plot`:
+    a PNG too. metric: one of METRICS."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if plot is not None:
         if not plot.lower().endswith(".png"):
             raise UserError(f"--plot {plot}: expected a file name ending in .png")
         check_writable(plot, "--plot")
-    groups = summary_groups(read_results(directory))
+    groups = summary_groups(read_results(directory, metric))
     if plot is not None:
-        plot_summary(groups, plot)
+        plot_summary(groups, plot, metric)
     return format_summary(groups, fmt)
 
 
@@ -625,9 +637,11 @@ def main(argv=None):
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--format", default="text", choices=FORMATS, help="text (default), markdown or csv")
     p.add_argument("--plot", metavar="FILE.png", help="also draw accuracy against shots (needs matplotlib)")
+    p.add_argument("--metric", default="accuracy", choices=METRICS,
+                   help="accuracy, or retention: adapted / plain zero-shot over --eval_datasets")
     args = p.parse_args(argv)
     try:
-        print(summarize(args.directory, args.format, args.plot))
+        print(summarize(args.directory, args.format, args.plot, args.metric))
     except UserError as error:
         p.exit(1, f"error: {error}\n")
 

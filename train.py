@@ -257,7 +257,8 @@ def train(model, dataset, args, device, resolution, identity, resume=None):
     # lora.py; GradScaler's defaults); bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     pinned = device.type == "cuda"  # pinned memory (CUDA only) lets the copies to the device overlap
-    loader = data.make_loader(dataset.train, data.train_transform(resolution), batch_size=args.batch_size,
+    augment = data.train_transform(resolution, dataset.augment)  # DatasetSpec.augment
+    loader = data.make_loader(dataset.train, augment, batch_size=args.batch_size,
                               shuffle=True, workers=args.workers, seed=args.seed, pin_memory=pinned)
     parts, iteration, skipped = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, 0, 0
     if resume:
@@ -404,7 +405,7 @@ def run(args):
                                                     if plain else None, "template": ds.zeroshot_template}
         kept = f"{adapted / plain:.3f}" if plain else "n/a"
         print(f"{name}: zero-shot plain {plain:.2f}  adapted {adapted:.2f}  retention {kept} (prompt "
-              f"{ds.zeroshot_template!r}, CoOp's for this dataset)")
+              f"{ds.zeroshot_template!r}, this dataset's zero-shot prompt)")
     if novel is not None:
         new = zero_shot_accuracy(model, novel, template, preprocess, args, device)
         record.update(base_accuracy=final, new_accuracy=new,
