@@ -46,32 +46,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with (openai/CLIP model.py)."""
 
     def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _QuickGELU.apply(x)  # the same numbers, keeping less for backward
         return x * torch.sigmoid(1.702 * x)
-
-
-class _QuickGELU(torch.autograd.Function):
-    """QuickGELU keeping only x for backward: autograd would also keep the sigmoid, the block's
-    widest activation. Backward recomputes it and applies autograd's own formulas, in its order:
-    the same bits (test_quick_gelu_keeps_only_its_input)."""
-
-    generate_vmap_rule = True  # torch.func.vmap and jacrev batch the methods below as they are
-
-    @staticmethod
-    def forward(x):
-        return (1.702 * x).sigmoid_().mul_(x)  # in place: one allocation instead of three
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        s = (1.702 * x).sigmoid_()
-        through_sigmoid = (grad * x) * (1 - s) * s  # sigmoid's derivative s (1 - s), as autograd
-        return (grad * s).add_(through_sigmoid.mul_(1.702))
 
 
 class Attention(nn.Module):
@@ -82,13 +57,19 @@ class Attention(nn.Module):
         self.heads = heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
 
-    def forward(self, x, causal):
+    def forward(self, x, causal, read=None):
+        """read: the one position (n,) of each row whose output is used, or None: all positions."""
         n, length, width = x.shape
-        split = (n, length, self.heads, width // self.heads)
-        q, k, v = (proj(x).view(split).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        # q, k, v: (n, heads, length, head_dim); SDPA scales by 1/sqrt(head_dim) like nn.MultiheadAttention
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(y.transpose(1, 2).reshape(n, length, width))  # (n, length, width)
+        query = x if read is None else x[torch.arange(n), read].unsqueeze(1)  # (n, 1, width)
+        pairs = ((self.q_proj, query), (self.k_proj, x), (self.v_proj, x))
+        # each (n, positions, width) -> (n, heads, positions, head_dim)
+        q, k, v = (proj(t).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj, t in pairs)
+        mask = None  # causal and reading one position: that position sees itself and those before it
+        if causal and read is not None:
+            mask = torch.arange(length, device=x.device) <= read[:, None, None, None]  # (n, 1, 1, length)
+        # SDPA scales by 1/sqrt(head_dim), as nn.MultiheadAttention
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal and read is None)
+        return self.out_proj(y.transpose(1, 2).flatten(2))  # (n, positions, width)
 
 
 class ResidualBlock(nn.Module):
@@ -102,8 +83,12 @@ class ResidualBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(
             c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
 
-    def forward(self, x, causal):
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x, causal, read=None):
+        """read: as Attention's; then only those positions are computed and returned, (n, 1, width)."""
+        h = self.ln_1(x)
+        if read is not None:  # the other positions' outputs are never used
+            x = x[torch.arange(len(x)), read].unsqueeze(1)
+        x = x + self.attn(h, causal, read)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -113,18 +98,19 @@ class Transformer(nn.Module):
         self.width, self.layers, self.causal = width, layers, causal
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
 
-    def forward(self, x, checkpoint=0):  # x: (n, length, width), batch first
+    def forward(self, x, checkpoint=0, read=None):  # x: (n, length, width), batch first
         """checkpoint: the number of blocks, from the first, that keep only their input for the backward pass
         and recompute the rest there (True: all). The first ones, because the backward pass reaches them last,
-        when the other blocks' activations are freed."""
+        when the other blocks' activations are freed. read: the one position (n,) of each row that is used
+        after the last block, which computes only that one (ResidualBlock), or None: all."""
         for index, block in enumerate(self.resblocks):
+            inputs = (x, self.causal, read if index == self.layers - 1 else None)
             if index < (self.layers if checkpoint is True else checkpoint) and torch.is_grad_enabled():
                 # preserve_rng_state replays the random state of the forward, so adapter dropout draws the same
                 # masks when the block is recomputed (torch.utils.checkpoint docs)
-                x = torch.utils.checkpoint.checkpoint(block, x, self.causal, use_reentrant=False,
-                                                      preserve_rng_state=True)
+                x = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False, preserve_rng_state=True)
             else:
-                x = block(x, self.causal)
+                x = block(*inputs)
         return x
 
 
@@ -146,8 +132,9 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (n, grid * grid, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (n, 1, width)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (n, 1 + grid * grid, width)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0, :]) @ self.proj  # class token -> (n, output_dim)
+        cls = torch.zeros(len(x), dtype=torch.long, device=x.device)  # the class token's position
+        x = self.transformer(self.ln_pre(x), read=cls)[:, 0]  # (n, width)
+        return self.ln_post(x) @ self.proj  # (n, output_dim)
 
 
 # The fixed cost of one more length group through the text tower, in token positions of compute; only speed depends
@@ -172,19 +159,22 @@ def length_groups(eot, cost):
     return [torch.isin(eot, torch.tensor(members, device=eot.device)).nonzero().squeeze(1) for members in groups]
 
 
-# --text_checkpoint auto: the bytes the text tower may keep for backward. Our choice (bench.py --sections peft):
-# ImageNet's 1,000 prompts checkpoint 3 of 12 blocks in float32, none in fp16.
+# --text_checkpoint auto: the bytes the text tower may keep for backward (our choice). ImageNet's
+# 1,000 prompts checkpoint 7 of 12 blocks in float32, none in fp16.
 TEXT_ACTIVATION_BUDGET = 2 * 2 ** 30
+# What a text block keeps for backward, in values of its width per position: 18.9 with LoRA on
+# q, k, v (counted by bench.saved_bytes); a checkpointed block keeps only its input, 1.
+BLOCK_VALUES = 19
 
 
 def text_checkpoint_blocks(model, tokens, element_size=4, budget=TEXT_ACTIVATION_BUDGET):
     """The fewest text blocks `encode_text(tokens, checkpoint=k)` must checkpoint so that the text tower keeps
-    at most `budget` bytes for the backward pass, each prompt computed up to its end token. Estimate: a block
-    keeps 12 values of its width per position (11.75 with LoRA on q, k, v, counted by bench.saved_bytes),
-    a checkpointed block only its input (1); element_size: 4 for float32, 2 under fp16 or bf16 autocast."""
+    at most `budget` bytes for the backward pass (BLOCK_VALUES), each prompt computed up to its end token.
+    element_size: 4 for float32, 2 under fp16 or bf16 autocast."""
     position = int((tokens.argmax(dim=-1) + 1).sum()) * model.transformer.width * element_size  # bytes a value
     layers = model.transformer.layers
-    return min(layers, max(0, math.ceil((12 * layers * position - budget) / (11 * position))))
+    kept = BLOCK_VALUES * layers * position  # without checkpointing
+    return min(layers, max(0, math.ceil((kept - budget) / ((BLOCK_VALUES - 1) * position))))
 
 
 class CLIP(nn.Module):
@@ -236,8 +226,7 @@ class CLIP(nn.Module):
             ends = eot[rows]
             length = int(ends.max()) + 1
             x = self.token_embedding(tokens[rows, :length]) + self.positional_embedding[:length]  # (rows, len, width)
-            x = self.transformer(x, checkpoint)
-            x = x[torch.arange(len(rows), device=x.device), ends]  # each row at its end-of-text token, (rows, width)
+            x = self.transformer(x, checkpoint, read=ends)[:, 0]  # each row at its end-of-text token, (rows, width)
             features.append(self.ln_final(x) @ self.text_projection)
         return torch.cat(features)[torch.argsort(torch.cat(groups))]  # back to the input order, (n, embed_dim)
 

@@ -32,14 +32,11 @@ def check_setting(key, value, name=None):
 
 
 def adapter_dropout(x, p, training):
-    """nn.Dropout's law on the adapter's input (the mask from rand_like, as _dropout_mask)."""
+    """nn.Dropout's law on the adapter's input: each value kept with probability 1 - p and then
+    scaled by 1 / (1 - p), in training only."""
     if not training or p == 0:
         return x
-    return x * _dropout_mask(x, p).to(x.dtype) * (1 / (1 - p))
-
-
-def _dropout_mask(x, p):
-    return torch.rand_like(x) >= p  # True: kept
+    return x * torch.rand_like(x).ge_(p).mul_(1 / (1 - p))  # the noise: 0 or 1 / (1 - p)
 
 
 class LoRALinear(nn.Module):
@@ -84,19 +81,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         down, up = self.factors()
+        dropped = adapter_dropout(x, self.dropout, self.training)
         # (x A^T)(s B)^T: r (d_in + d_out) per token, not d_in d_out; s scales the small B
-        low = self.down_project(x, down.to(x.dtype))  # (..., r)
-        # in place: nothing keeps the frozen product, and one allocation fewer
-        return out.add_(F.linear(low, (self.scaling * up).to(x.dtype)))
-
-    def down_project(self, x, down):
-        """A dropout(x), (..., r); in training through _DroppedLinear, which keeps less."""
-        if not (self.training and self.dropout > 0):
-            return F.linear(x, down)
-        keep = _dropout_mask(x, self.dropout)
-        if not torch.is_grad_enabled():
-            return F.linear(x * keep * (1 / (1 - self.dropout)), down)
-        return _DroppedLinear.apply(x, keep, down, 1 / (1 - self.dropout))
+        low = F.linear(dropped, down.to(x.dtype))  # (..., r)
+        return out + F.linear(low, (self.scaling * up).to(x.dtype))
 
     def merge(self, merged=True):
         """W <- W + Delta W; the adapter branch is then skipped (zero-overhead inference)."""
@@ -201,36 +189,6 @@ class CompLoRALinear(LoRALinear):
         if weight is not None and weight.shape == current.shape and not torch.equal(
                 weight.to(current.device, current.dtype), current):
             self.set_bases(weight.to(current.dtype))
-
-
-# ------------------------------------------------------------------- memory-saving autograd Function
-class _DroppedLinear(torch.autograd.Function):
-    """F.linear(x * keep * scale, down) that keeps for backward x and the 1-byte mask `keep`, not
-    the dropped float copy: 4 bytes an element less for each adapter, and q, k, v share x.
-    The same bits as the formula through autograd (test_lora_training_branch_equals_autograd)."""
-
-    generate_vmap_rule = True  # torch.func.vmap and jacrev batch the methods below as they are
-
-    @staticmethod
-    def forward(x, keep, down, scale):
-        return F.linear(x.mul(keep).mul_(scale), down)  # (..., r); autocast casts as F.linear
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, keep, down, scale = inputs
-        ctx.save_for_backward(x, keep, down)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (..., r) in the product's dtype; autograd casts back
-        x, keep, down = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ down.to(grad.dtype)).to(x.dtype).mul_(keep).mul_(ctx.scale)
-        dropped = x.mul(keep).mul_(ctx.scale).to(grad.dtype)  # recomputed, (..., d_in)
-        rows = grad.reshape(-1, grad.shape[-1])  # (tokens, r), also for a 1-D x
-        grad_down = rows.t().mm(dropped.reshape(-1, dropped.shape[-1]))  # (r, d_in)
-        return grad_x, None, grad_down, None
 
 
 # ------------------------------------------------------------------------------ attention
