@@ -212,10 +212,10 @@ def peft_model(device):
 def our_features(model, tokens, device, precision):
     """features(images): normalised float32 (image, text) features as train.py's loop computes
     them, the text encoded anew each step with --text_checkpoint's blocks checkpointed."""
-    checkpoint = train.text_checkpointing(DEFAULTS.text_checkpoint, model, tokens, precision)
+    checkpoint = clip_model.text_checkpoint(DEFAULTS.text_checkpoint, model, tokens, precision)
 
     def features(images):
-        text = train.text_features(model, tokens, device, precision, checkpoint)
+        text = clip_model.text_features(model, tokens, device, precision, checkpoint)
         with clip_model.autocast(device, precision):
             image = model.encode_image(images)
         return F.normalize(image.float(), dim=-1), text
@@ -404,7 +404,7 @@ def projected_peak(method):
     tokens, images, _ = step_inputs(1000, IMAGENET_BATCH, device)
     model = our_model(method, device)
     model.visual.ln_pre.register_forward_pre_hook(lambda _module, inputs: (inputs[0].float(),))
-    checkpoint = train.text_checkpointing(DEFAULTS.text_checkpoint, model, tokens, "fp16")
+    checkpoint = clip_model.text_checkpoint(DEFAULTS.text_checkpoint, model, tokens, "fp16")
     saved = saved_bytes(model, images, tokens, checkpoint)
     recompute = 0
     if checkpoint:
@@ -522,7 +522,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every flag, before any work; fills in the device's defaults, returns the device."""
-    device = train.check_device(args.device)
+    device = clip_model.device(args.device)
     if device.type == "mps":  # its timing and memory would need calls of their own
         raise UserError(f"--device {args.device}: bench.py measures cpu or cuda")
     counts = [("batch", args.batch), ("rounds", args.rounds), ("steps", args.steps),
@@ -596,7 +596,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except UserError as error:
+    except (UserError, clip_model.LoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # --json is written at the end only: nothing half-written

@@ -39,7 +39,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class LoadError(ValueError):
-    """A model name or weights file that cannot be used; the message is one line for the user."""
+    """A model name, weights file or device that cannot be used; one line for the user."""
 
 
 class QuickGELU(nn.Module):
@@ -175,6 +175,15 @@ def text_checkpoint_blocks(model, tokens, element_size=4, budget=TEXT_ACTIVATION
     layers = model.transformer.layers
     kept = BLOCK_VALUES * layers * position  # without checkpointing
     return min(layers, max(0, math.ceil((kept - budget) / ((BLOCK_VALUES - 1) * position))))
+
+
+def text_checkpoint(mode, model, tokens, precision):
+    """encode_text's checkpoint for --text_checkpoint `mode`: on (every block), off, or auto (the
+    blocks of text_checkpoint_blocks, 2 bytes a value under fp16 or bf16 autocast)."""
+    if mode == "auto":
+        element_size = 4 if precision == "fp32" else 2
+        return text_checkpoint_blocks(model, tokens, element_size=element_size)
+    return mode == "on"
 
 
 class CLIP(nn.Module):
@@ -375,6 +384,40 @@ def load(name_or_path, device="cpu", download_root=None):
     return model.to(device), preprocess(model.visual.input_resolution)
 
 
+def device(name):
+    """The torch.device `--device name` names if this machine has one; else a LoadError."""
+    try:
+        found = torch.device(name)
+    except RuntimeError:
+        found = None
+    if found is None or found.type not in ("cpu", "cuda", "mps"):
+        raise LoadError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
+    count = torch.cuda.device_count()
+    if found.type == "cuda" and not count:
+        raise LoadError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if found.type == "cuda" and (found.index or 0) >= count:
+        raise LoadError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                        f"cuda:{count - 1}")
+    if found.type == "mps" and not torch.backends.mps.is_available():
+        raise LoadError(f"--device {name}: MPS is not available here; use --device cpu")
+    return found
+
+
+def rng_state(device):
+    """The state of the device's own random generator (CUDA's of that device, or MPS's), which
+    draws dropout masks there; None on the CPU, whose generator torch.get_rng_state() holds."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.mps.get_rng_state() if device.type == "mps" else None
+
+
+def set_rng_state(state, device):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
 def resolve_precision(requested, device):
     """The --precision that runs on `device`: auto is fp16 on CUDA (the official lora.py), fp32 elsewhere (our
     choice: bf16 is slow on CPUs without bf16 units, fp16 on nearly all CPUs)."""
@@ -385,6 +428,26 @@ def autocast(device, precision):
     """Autocast to fp16 or bf16 on the device's own type (CPU included); none for fp32. precision: --precision."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolve_precision(precision, device))
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def text_features(model, tokens, device, precision, checkpoint=False):
+    """Normalised float32 features of tokenized prompts, under `precision`'s autocast; checkpoint
+    as encode_text's."""
+    with autocast(device, precision):
+        features = model.encode_text(tokens.to(device), checkpoint=checkpoint)
+    return F.normalize(features.float(), dim=-1)
+
+
+@torch.no_grad()
+def image_features(model, loader, device, precision):
+    """Normalised float32 features and the labels of a loader's images, under `precision`."""
+    features, labels = [], []
+    for images, target in loader:  # pinned memory (CUDA only): the copies overlap
+        with autocast(device, precision):
+            image = model.encode_image(images.to(device, non_blocking=True))
+        features.append(F.normalize(image.float(), dim=-1))
+        labels.append(target.to(device, non_blocking=True))
+    return torch.cat(features), torch.cat(labels)
 
 
 def preprocess(resolution):

@@ -354,6 +354,14 @@ def mark_only_lora_as_trainable(model):
         param.requires_grad_(_is_lora(name))
 
 
+def parameter_line(model):
+    """peft's summary line: trainable params: N || all params: M || trainable%: P."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}")
+
+
 def lora_state_dict(model):
     """The adapters' lora_ tensors by full name, on the CPU: all that an adapter file needs."""
     return {key: value.detach().cpu() for key, value in model.state_dict().items() if _is_lora(key)}

@@ -151,6 +151,30 @@ class FewShotData:
 # with test_only (evaluating on ImageNet need not list 1.28M files). Messages leave the flag out.
 
 
+def dataset_list(names):
+    """--eval_datasets a,b: the comma-separated names, as a list."""
+    return [name for name in names.split(",") if name]
+
+
+def check_names(dataset, eval_datasets):
+    """--dataset and --eval_datasets name datasets of DATASETS, and --dataset one with a train split."""
+    for flag, name in [("dataset", dataset), *(("eval_datasets", n) for n in eval_datasets)]:
+        if name not in DATASETS:
+            raise DataError(f"--{flag} {name!r}: expected one of {', '.join(DATASETS)}")
+    if DATASETS[dataset].eval_only:
+        raise DataError(f"--dataset {dataset}: evaluation only (no train split); use it in "
+                        "--eval_datasets")
+
+
+def class_prompts(dataset, template):
+    """CLIP-LoRA's prompts, tokenized: the template filled with each class name (lora.py)."""
+    import clip_model  # here: only prompts need the tokenizer
+    try:
+        return clip_model.tokenize([template.format(c.replace("_", " ")) for c in dataset.classnames])
+    except ValueError as error:  # tokenize refuses a text over the context length
+        raise DataError(f"class prompt {error}; shorten that class name") from None
+
+
 def _existing(base, candidates, name, what="folder"):
     """base/<first existing candidate> (a folder; a file if `what` is "file"), else a DataError naming the first."""
     exists = os.path.isfile if what == "file" else os.path.isdir
@@ -380,22 +404,18 @@ def build_dataset(name, root, shots, seed, subsample="all", flag="--dataset", te
                        *map(list, splits), spec.augment)
 
 
-def build_datasets(name, test_names, root, shots, seed, subsample="all", demo_root="synthetic_data"):
-    """A run's datasets, all under one data root: (dataset, its new classes or None, {name: test-only dataset}).
-    The demo's name "synthetic" is EuroSAT's layout in the folder write_synthetic makes (`root`,
-    else `demo_root`); the toy world's datasets (toy_*) are in the one toy_world.write_datasets
-    makes (`root`, else toy_data/ beside `demo_root`)."""
-    if name == "synthetic":
-        root = write_synthetic(root or demo_root)
+def build_datasets(name, test_names, root, shots, seed, subsample="all", toy_root="toy_data"):
+    """A run's datasets, all under one data root: (dataset, its new classes or None, {name: test-only
+    dataset}). The toy world's (toy_*) are written on first use (toy_world.write_datasets) into
+    `root` if it is a new folder, else into `toy_root`."""
     if any(n.startswith("toy_") for n in (name, *test_names)):
         import toy_world  # here: toy_world imports this module
-        demo_root = os.path.join(os.path.dirname(demo_root), "toy_data")
-        root = toy_world.write_datasets(root or demo_root)
-    real = {"synthetic": "eurosat"}
-    dataset = build_dataset(real.get(name, name), root, shots, seed, subsample)
-    novel = build_dataset(real.get(name, name), root, shots, seed, "new") if subsample == "base" else None
-    return dataset, novel, {test: build_dataset(real.get(test, test), root, shots, seed, flag="--eval_datasets",
-                                                test_only=True) for test in test_names}
+        root = toy_world.write_datasets(root or toy_root)
+    dataset = build_dataset(name, root, shots, seed, subsample)
+    novel = build_dataset(name, root, shots, seed, "new") if subsample == "base" else None
+    others = {test: build_dataset(test, root, shots, seed, flag="--eval_datasets", test_only=True)
+              for test in test_names}
+    return dataset, novel, others
 
 
 # -------------------------------------------------------------------------------- images and loaders
@@ -471,35 +491,8 @@ def make_loader(items, transform, batch_size, shuffle, workers, seed=0, pin_memo
                                        persistent_workers=workers > 0)
 
 
-# ------------------------------------------------------------------------------------ synthetic data
-
-# One colour per class, far apart so that even a tiny, randomly initialised CLIP tells them apart.
-_PALETTE = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 210, 40), (200, 60, 200),
-            (40, 200, 210), (240, 140, 30), (120, 60, 170), (235, 235, 235), (110, 110, 110)]
-_DEMO_MARK = "synthetic_demo.json"  # written last: its presence means the folder is complete
-
-
-def _synthetic_image(label, size, generator):
-    """A solid class colour with class-specific stripes (period and direction) and a little noise."""
-    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    along = (rows, cols, rows + cols)[label % 3]
-    stripes = ((along // (2 + label % 4)) % 2).float()
-    colour = torch.tensor(_PALETTE[label], dtype=torch.float32)
-    pixels = colour * (0.7 + 0.3 * stripes)[..., None] + 6 * torch.randn(size, size, 3, generator=generator)
-    return Image.frombytes("RGB", (size, size), bytes(pixels.round().clamp(0, 255).to(torch.uint8).flatten().tolist()))
-
-
-def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, size=32, seed=0):
-    """Write a tiny, easy dataset into the new folder `root`, return it: eurosat/ (EuroSAT's first `n_classes` folders,
-    4 val images per class) and imagefolder/{train,test}/<class>/*.png; renamed into place when complete. A complete
-    demo folder of the same parameters is reused (also a concurrent call's); any other non-empty one is a DataError."""
-    folders = list(EUROSAT_CLASSNAMES)
-    if not 1 <= n_classes <= len(folders):
-        raise DataError(f"n_classes {n_classes}: expected 1 to {len(folders)} (EuroSAT has {len(folders)} classes)")
-    params = dict(n_classes=n_classes, n_train_per_class=n_train_per_class, n_test_per_class=n_test_per_class,
-                  size=size, seed=seed)
-    return write_demo(root, params,
-                      lambda folder: _write_synthetic_files(folder, folders[:n_classes], params))
+# ----------------------------------------------------------------------------- demo datasets
+_DEMO_MARK = "demo.json"  # written last: its presence means the folder is complete
 
 
 def write_demo(root, params, write):
@@ -541,23 +534,3 @@ def _is_demo(root, params):
             return json.load(f) == params
     except (OSError, ValueError):
         return False
-
-
-def _write_synthetic_files(root, folders, params):
-    generator = torch.Generator().manual_seed(params["seed"])
-    counts = {"train": params["n_train_per_class"], "val": 4, "test": params["n_test_per_class"]}
-    split = {part: [] for part in counts}
-    parts = [part for part, count in counts.items() for _ in range(count)]  # a class's EuroSAT images
-    eurosat, imagefolder = [], []  # (label, path): the generator draws EuroSAT's images first
-    for label, folder in enumerate(folders):
-        for index, part in enumerate(parts, 1):  # EuroSAT numbers its files from 1
-            split[part].append([f"{folder}/{folder}_{index}.jpg", label, folder])
-            eurosat.append((label, os.path.join(root, "eurosat", "2750", folder, f"{folder}_{index}.jpg")))
-        cname = EUROSAT_CLASSNAMES[folder].lower().replace(" ", "_")
-        imagefolder += [(label, os.path.join(root, "imagefolder", part, cname, f"{cname}_{index}.png"))
-                        for part in ("train", "test") for index in range(counts[part])]
-    for label, path in eurosat + imagefolder:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _synthetic_image(label, params["size"], generator).save(path, quality=95)  # JPEG quality; PNG ignores it
-    with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
-        json.dump(split, f, indent=1)

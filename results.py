@@ -1,6 +1,6 @@
 """What a run writes and reads back: adapter files (ours and CLIP-LoRA's), results.json and results.jsonl, run
 identity, the all-or-nothing save, and the summaries over seeds (python results.py DIR, see main).
-Needs torch and the standard library, not train.py."""
+Needs torch, the standard library and clip_model (a device's random state), not train.py."""
 import argparse
 import contextlib
 import csv
@@ -21,6 +21,8 @@ except ImportError:  # Windows: each save is still all or nothing
     fcntl = None
 
 import torch
+
+import clip_model
 
 # Every setting that changes a run's result (not seed, paths, device, workers, printing): what a run folder may only
 # be replaced with (unless --overwrite) and what the summaries group by; dataset and shots first.
@@ -276,28 +278,13 @@ def read_checkpoint(path, config, device, resume, overwrite):
     return None if refused else state
 
 
-def device_rng_state(device):
-    """The random state of the run's accelerator, which draws the dropout masks there (None on the CPU, whose
-    stream torch.get_rng_state holds)."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.mps.get_rng_state() if device.type == "mps" else None
-
-
-def set_device_rng_state(state, device):
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state)
-
-
 def write_checkpoint(path, config, progress, lora, parts, device):
     """What continues a run exactly: `config` (with the seed), `progress` ({"iteration": ...}), its lora_ tensors, the
     states of `parts` ({"optimizer": AdamW, ...}) and of every random stream training draws from (torch's, Python's,
     the run device's), as CPU tensors (a file that loads anywhere), written all or nothing."""
     state = {"config": config, **progress, "lora": lora, **{name: part.state_dict() for name, part in parts.items()},
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "device": device.type,
-                     "device_state": device_rng_state(device)}}
+                     "device_state": clip_model.rng_state(device)}}
     state["optimizer"]["state"] = {index: {name: value.cpu() for name, value in moments.items()}  # a copy: the
                                    for index, moments in state["optimizer"]["state"].items()}  # optimizer's stay
     save(path, lambda f: torch.save(state, f))
@@ -309,13 +296,14 @@ def restore_checkpoint(state, parts, device):
         part.load_state_dict(state[name])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    set_device_rng_state(state["rng"]["device_state"], device)
+    clip_model.set_rng_state(state["rng"]["device_state"], device)
 
 
 # ----------------------------------------------------------------------------------- adapter files
 def adapter_file(config, tensors):
-    """What an adapter file holds: {"config": adapter config, "state_dict": the lora_ tensors on the CPU}."""
-    return {"config": config, "state_dict": {key: value.detach().cpu() for key, value in tensors.items()}}
+    """What an adapter file holds: the adapter config, and the lora_ tensors on the CPU
+    (comp_lora.lora_state_dict)."""
+    return {"config": config, "state_dict": tensors}
 
 
 # The official code's save_lora / load_lora (MaxZanella/CLIP-LoRA loralib/utils.py, commit 358f0d7) write
@@ -577,7 +565,8 @@ def format_summary(groups, fmt):
 
 
 def plot_summary(groups, path, metric="accuracy"):
-    """Accuracy against shots as CLIP-LoRA's few_shot.png: a panel per dataset and for the average; needs matplotlib."""
+    """The metric against shots as CLIP-LoRA's few_shot.png: a panel per dataset and one for the
+    average (hollow points: some dataset missing), a line per configuration; needs matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -585,32 +574,26 @@ def plot_summary(groups, path, metric="accuracy"):
     tables = [group_table(g) for g in groups]
     datasets = sorted({d for _, rows, _ in tables for d, _ in rows}, key=dataset_order)
     titles = [PAPER_DATASETS.get(d, d) for d in datasets] + ["Average"]
-    cells = len(titles) + 1  # one cell more for the legend, as in few_shot.png
-    grid_rows = -(-cells // 5)  # at most 5 columns: as few rows as that allows, the rows filled evenly
-    columns = -(-cells // grid_rows)
-    figure = Figure(figsize=(3.2 * columns, 2.6 * grid_rows))
-    axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
-    for index, (group, (shots, rows, average)) in enumerate(zip(groups, tables)):
+    columns = min(len(titles), 4)
+    rows = math.ceil(len(titles) / columns)
+    figure = Figure(figsize=(3.2 * columns, 2.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for index, (group, (shots, cells, average)) in enumerate(zip(groups, tables)):
         style = dict(color=f"C{index % 10}", marker="o", markersize=3)
-        for dataset, stats in rows:
-            axes[datasets.index(dataset)].errorbar(list(stats), [v[0] for v in stats.values()],
-                                                   yerr=[v[1] for v in stats.values()], capsize=2, **style)
+        for dataset, stats in cells:
+            means, stds, _ = zip(*stats.values())
+            axes[datasets.index(dataset)].errorbar(list(stats), means, yerr=stds, capsize=2, **style)
         ax = axes[len(datasets)]
         ax.plot(shots, [average[s][0] for s in shots], label=group["label"], **style)
-        partial = [s for s in shots if average[s][1]]  # hollow: the average misses some dataset there
-        ax.plot(partial, [average[s][0] for s in partial], linestyle="none", markerfacecolor="white", **style)
-    all_shots = sorted({s for shots, _, _ in tables for s in shots})
-    incomplete = any(missing for _, _, average in tables for _, missing in average.values())
-    for index, (ax, title) in enumerate(zip(axes, titles)):
-        ax.set_title(title + (" (hollow: incomplete)" if title == "Average" and incomplete else ""), fontsize=10)
-        ax.set_xticks(all_shots)
-        ax.set_xlabel("shots", fontsize=8)
-        if index % columns == 0:
-            ax.set_ylabel("top-1 accuracy (%)" if metric == "accuracy" else "retention (%)",
-                          fontsize=8)
+        partial = [s for s in shots if average[s][1]]
+        ax.plot(partial, [average[s][0] for s in partial], ls="none", markerfacecolor="white", **style)
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+    figure.supxlabel("shots")
+    figure.supylabel("top-1 accuracy (%)" if metric == "accuracy" else "retention (%)")
     for ax in axes[len(titles):]:
         ax.axis("off")
-    axes[len(titles)].legend(*axes[len(datasets)].get_legend_handles_labels(), loc="center", fontsize=8)
+    axes[len(datasets)].legend(fontsize=7)
     figure.tight_layout()
     save(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
@@ -619,8 +602,6 @@ def summarize(directory, fmt="text", plot=None, metric="accuracy"):
     """Per configuration, the papers' table (a row per dataset, a column per shot count, mean ± std (seeds) over
     seeds, an Average row) from the results.json files under `directory` (never from logs); `plot`:
     a PNG too. metric: one of METRICS."""
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if plot is not None:
         if not plot.lower().endswith(".png"):
             raise UserError(f"--plot {plot}: expected a file name ending in .png")

@@ -47,6 +47,50 @@ PROMPTS = ["a photo of a cat.", "a photo of a Annual Crop Land.", "x", "a center
            "a very long and winding river running through green fields."]
 
 
+# ------------------------------------------------------------- small datasets in the real layouts
+# One colour per class, far apart so that even a tiny, randomly initialised CLIP tells them apart.
+PALETTE = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 210, 40), (200, 60, 200),
+           (40, 200, 210), (240, 140, 30), (120, 60, 170), (235, 235, 235), (110, 110, 110)]
+
+
+def synthetic_image(label, size, generator):
+    """A solid class colour with class-specific stripes (period and direction) and a little noise."""
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    along = (rows, cols, rows + cols)[label % 3]
+    stripes = ((along // (2 + label % 4)) % 2).float()
+    colour = torch.tensor(PALETTE[label], dtype=torch.float32)
+    pixels = colour * (0.7 + 0.3 * stripes)[..., None] + 6 * torch.randn(size, size, 3, generator=generator)
+    return Image.frombytes("RGB", (size, size), bytes(pixels.round().clamp(0, 255).to(torch.uint8).flatten().tolist()))
+
+
+def write_synthetic(root, n_classes=4, n_train_per_class=8, n_test_per_class=8, size=32, seed=0):
+    """A tiny, easy dataset in the new folder `root` (data.write_demo), returned: eurosat/ (EuroSAT's first
+    `n_classes` folders and its split file, 4 val images per class) and imagefolder/{train,test}/<class>/*.png."""
+    folders = list(data.EUROSAT_CLASSNAMES)[:n_classes]
+    params = dict(n_classes=n_classes, n_train_per_class=n_train_per_class, n_test_per_class=n_test_per_class,
+                  size=size, seed=seed)
+
+    def write(folder):
+        generator = torch.Generator().manual_seed(seed)
+        counts = {"train": n_train_per_class, "val": 4, "test": n_test_per_class}
+        split = {part: [] for part in counts}
+        parts = [part for part, count in counts.items() for _ in range(count)]  # a class's EuroSAT images
+        eurosat, imagefolder = [], []  # (label, path): the generator draws EuroSAT's images first
+        for label, name in enumerate(folders):
+            for index, part in enumerate(parts, 1):  # EuroSAT numbers its files from 1
+                split[part].append([f"{name}/{name}_{index}.jpg", label, name])
+                eurosat.append((label, os.path.join(folder, "eurosat", "2750", name, f"{name}_{index}.jpg")))
+            cname = data.EUROSAT_CLASSNAMES[name].lower().replace(" ", "_")
+            imagefolder += [(label, os.path.join(folder, "imagefolder", part, cname, f"{cname}_{index}.png"))
+                            for part in ("train", "test") for index in range(counts[part])]
+        for label, path in eurosat + imagefolder:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            synthetic_image(label, size, generator).save(path, quality=95)  # JPEG quality; PNG ignores it
+        with open(os.path.join(folder, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+            json.dump(split, f, indent=1)
+    return data.write_demo(root, params, write)
+
+
 def max_rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -474,7 +518,7 @@ class TestAdapters(unittest.TestCase):
         for method, count in expected.items():
             model, layers = adapted(method, model=copy.deepcopy(base))
             self.assertEqual(len(layers), 72)
-            line = train.parameter_line(model)
+            line = comp_lora.parameter_line(model)
             # Comp-LoRA's projection bases are buffers: the adapters add exactly their trainable parameters
             self.assertEqual(line, f"trainable params: {count:,d} || all params: {total + count:,d} || "
                                    f"trainable%: {100 * count / (total + count):.4f}")
@@ -1038,7 +1082,7 @@ class WithSyntheticData(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.root = data.write_synthetic(os.path.join(cls.tmp.name, "data"))
+        cls.root = write_synthetic(os.path.join(cls.tmp.name, "data"))
 
     @classmethod
     def tearDownClass(cls):
@@ -1151,10 +1195,10 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
         model, tokens = tiny(), torch.zeros(4, 77, dtype=torch.long)
         tokens[:, 8] = 49407
         with mock.patch.object(clip_model, "text_checkpoint_blocks", return_value=2) as rule:
-            self.assertEqual(train.text_checkpointing("auto", model, tokens, "fp16"), 2)
+            self.assertEqual(clip_model.text_checkpoint("auto", model, tokens, "fp16"), 2)
         rule.assert_called_once_with(model, tokens, element_size=2)
-        self.assertIs(train.text_checkpointing("on", model, tokens, "fp32"), True)
-        self.assertIs(train.text_checkpointing("off", model, tokens, "fp32"), False)
+        self.assertIs(clip_model.text_checkpoint("on", model, tokens, "fp32"), True)
+        self.assertIs(clip_model.text_checkpoint("off", model, tokens, "fp32"), False)
 
     def fp16_training(self, **scaler_options):
         """Train the tiny model for 4 iterations with --precision fp16 on CPU through train.train.
@@ -1175,8 +1219,8 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
         model.visual.transformer.resblocks[0].attn.q_proj.base.register_forward_hook(
             lambda module, inputs, output: dtypes.append(output.dtype))
         with mock.patch.object(torch.amp, "GradScaler", make_scaler):
-            _, printed = quiet(train.train, model, dataset, args, torch.device("cpu"), 32,
-                               train.run_config(args, torch.device("cpu")))
+            _, printed = quiet(train.train, model, dataset, args, torch.device("cpu"),
+                               train.run_config(args, torch.device("cpu")), train.Interrupts())
         self.assertEqual(set(dtypes), {torch.float16})
         progress = [line for line in printed.splitlines() if line.startswith("iter ")]
         losses = [float(line.split("  loss ")[1].split()[0]) for line in progress]
@@ -1270,7 +1314,7 @@ class TestData(unittest.TestCase):
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.tmp = cls._tmp.name
-        cls.synthetic = data.write_synthetic(os.path.join(cls.tmp, "synthetic"), n_classes=5)
+        cls.synthetic = write_synthetic(os.path.join(cls.tmp, "synthetic"), n_classes=5)
         # A split whose labels first appear out of order (2, 0, 1) and whose classes differ in size; the
         # draw reads no image, so the listed files are empty.
         cls.split_root = os.path.join(cls.tmp, "splitroot")
@@ -1525,14 +1569,14 @@ class TestData(unittest.TestCase):
         with open(os.path.join(mine, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
             f.write("the user's real split")
         before = tree_state(mine)
-        self.assertDataError(f"{mine} exists and is not a demo folder", data.write_synthetic, mine)
+        self.assertDataError(f"{mine} exists and is not a demo folder", write_synthetic, mine)
         self.assertEqual(tree_state(mine), before)
         self.assertFalse([name for name in os.listdir(self.tmp) if ".tmp" in name])  # no temporary folder left
         # a complete demo folder of the same parameters is reused as it is; other parameters are refused
         state = tree_state(self.synthetic)
-        self.assertEqual(data.write_synthetic(self.synthetic, n_classes=5), self.synthetic)
+        self.assertEqual(write_synthetic(self.synthetic, n_classes=5), self.synthetic)
         self.assertEqual(tree_state(self.synthetic), state)
-        self.assertDataError("is not a demo folder", data.write_synthetic, self.synthetic, n_classes=3)
+        self.assertDataError("is not a demo folder", write_synthetic, self.synthetic, n_classes=3)
 
     # ------------------------------------------------------------------ transforms and loaders
 
@@ -1781,11 +1825,11 @@ class TestTrain(WithSyntheticData):
         model, preprocess = clip_model.load(export)
         self.assertTrue(all(value.device.type == "cpu" for value in torch.load(export, weights_only=True).values()))
         dataset = data.build_dataset("eurosat", self.root, 4, 1)
-        accuracy = train.zero_shot_accuracy(model, dataset, dataset.template[0], preprocess, args, torch.device("cpu"))
+        accuracy = train.accuracy(model, preprocess, args, torch.device("cpu"), dataset, dataset.template[0])
         self.assertAlmostEqual(accuracy, results["accuracy"], places=4)
         # the run evaluated through merged weights; the unmerged adapters give the same accuracy
-        unmerged = train.zero_shot_accuracy(self.saved_model(args), dataset, dataset.template[0], preprocess, args,
-                                            torch.device("cpu"))
+        unmerged = train.accuracy(self.saved_model(args), preprocess, args, torch.device("cpu"), dataset,
+                                  dataset.template[0])
         self.assertEqual(unmerged, results["accuracy"])
 
     def test_random_streams_belong_to_the_seed_alone(self):
@@ -1840,17 +1884,19 @@ class TestTrain(WithSyntheticData):
                                if expected_base + expected_new else 0.0, places=4)
 
     def test_demo_reads_every_dataset_under_one_root_and_names_each_prompt(self):
-        """--dataset synthetic --eval_datasets imagefolder,synthetic without --root: both read from the demo folder;
-        the same images scored with two prompts give two numbers, each naming its prompt."""
+        """--dataset toy_outline_count --eval_datasets toy_colour,toy_count without --root: all read from the
+        toy world's folder, written on first use; each score names its prompt."""
         save_path = os.path.join(self.tmp.name, "demo_root")
-        record, printed = quiet(train.run, train.parse_args([
-            "--dataset", "synthetic", "--eval_datasets", "imagefolder,synthetic", "--backbone", "tiny", "--shots", "2",
-            "--n_iters", "1", "--workers", "0", "--device", "cpu", "--save_path", save_path]))
-        self.assertEqual(sorted(record["retention"]), ["imagefolder", "synthetic"])
-        self.assertEqual(record["retention"]["synthetic"]["template"], "a centered satellite photo of {}.")
-        self.assertRegex(printed, r"test accuracy: [\d.]+ \(prompt 'a photo of a \{\}\.'\)")
-        self.assertRegex(printed, r"synthetic: zero-shot plain [\d.]+  adapted [\d.]+  retention \S+ \(prompt "
-                                  r"'a centered satellite photo of \{\}\.', "
+        with mock.patch.dict(toy_world.PER_CLASS, {"train": 4, "val": 2, "test": 10}):
+            record, printed = quiet(train.run, train.parse_args([
+                "--dataset", "toy_outline_count", "--eval_datasets", "toy_colour,toy_count", "--backbone", "tiny",
+                "--shots", "2", "--n_iters", "1", "--workers", "0", "--device", "cpu", "--save_path", save_path]))
+        self.assertEqual(sorted(record["retention"]), ["toy_colour", "toy_count"])
+        self.assertEqual(record["retention"]["toy_colour"]["template"], "a photo of a {} shape.")
+        self.assertTrue(os.path.isfile(os.path.join(save_path, "toy_data", "toy_colour", "split.json")))
+        self.assertRegex(printed, r"test accuracy: [\d.]+ \(prompt 'a photo of \{\}\.'\)")
+        self.assertRegex(printed, r"toy_colour: zero-shot plain [\d.]+  adapted [\d.]+  retention \S+ \(prompt "
+                                  r"'a photo of a \{\} shape\.', "
                                   r"this dataset's zero-shot prompt\)")
 
     def saved_model(self, args):
@@ -1915,28 +1961,28 @@ class TestTrain(WithSyntheticData):
             expected = f.read()
         real_step = torch.optim.lr_scheduler.CosineAnnealingLR.step
         for stop_at in (2, 4, 7):
-            calls = itertools.count(1)
+            calls, interrupts = itertools.count(1), train.Interrupts()
 
             def step(scheduler):  # a signal during iteration `stop_at` (the first call is the constructor's)
                 if next(calls) == stop_at + 1:
-                    train.STOP["signal"] = signal.SIGTERM
+                    interrupts.handle(signal.SIGTERM, None)
                 return real_step(scheduler)
             args = self.args(*flags, out=f"stop{stop_at}")
             with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
-                with self.assertRaises(train.Stopped) as stopped:
-                    quiet(train.run, args)
+                with self.assertRaises(KeyboardInterrupt) as stopped:
+                    quiet(train.run, args, interrupts)
             self.assertEqual(stopped.exception.args, (signal.SIGTERM,))
-            self.assertIn(f"the checkpoint at iteration {stop_at}/12 is kept", train.STOP["kept"])
+            self.assertIn(f"the checkpoint at iteration {stop_at}/12 is kept", interrupts.kept)
             self.assertFalse(os.path.exists(train.run_dir(args)))
             quiet(train.run, self.args(*flags, "--resume", "--workers", "2" if stop_at % 2 else "0", out=f"stop{stop_at}"))
             with open(os.path.join(train.run_dir(args), "adapter.pt"), "rb") as f:
                 self.assertEqual(f.read(), expected, stop_at)
         _, printed = quiet(train.run, self.args(*flags, "--resume", out="fresh"))
         self.assertIn("no checkpoint", printed)
-        calls = itertools.count(1)
+        calls, interrupts = itertools.count(1), train.Interrupts()
         with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
-            with self.assertRaises(train.Stopped):
-                quiet(train.run, self.args(*flags, out="other"))
+            with self.assertRaises(KeyboardInterrupt):
+                quiet(train.run, self.args(*flags, out="other"), interrupts)
         # another configuration's checkpoint is refused, with --resume or without, until --overwrite
         # replaces it
         folder = train.run_dir(self.args(out="other"))
@@ -2006,16 +2052,18 @@ class TestTrain(WithSyntheticData):
         real_step = torch.optim.lr_scheduler.CosineAnnealingLR.step
         calls = itertools.count(1)
 
+        handlers = []  # what train.main installs for SIGINT and SIGTERM
+
         def step(scheduler):  # two signals during iteration 3, after the checkpoint of iteration 2
             if next(calls) == 4:
-                train.stop(signal.SIGTERM, None)
-                train.stop(signal.SIGTERM, None)
+                handlers[-1](signal.SIGTERM, None)
+                handlers[-1](signal.SIGTERM, None)
             return real_step(scheduler)
 
-        def main(argv):  # (exit code, stderr) of train.main, without its signal handlers
+        def main(argv):  # (exit code, stderr) of train.main, its handlers kept, not installed
             err = io.StringIO()
-            with mock.patch("signal.signal"), contextlib.redirect_stderr(err), \
-                    self.assertRaises(SystemExit) as code:
+            with mock.patch("signal.signal", lambda number, handler: handlers.append(handler)), \
+                    contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as code:
                 quiet(train.main, argv)
             return code.exception.code, err.getvalue()
         save_path = os.path.join(self.tmp.name, "twice")
@@ -2032,7 +2080,7 @@ class TestTrain(WithSyntheticData):
         def replace(source, target):  # a SIGTERM just after the final save's rename
             real_replace(source, target)
             if target == folder:
-                train.stop(signal.SIGTERM, None)
+                handlers[-1](signal.SIGTERM, None)
         with mock.patch("os.replace", replace):
             self.assertEqual(main([*argv, "--resume"]),
                              (143, f"interrupted: the run was saved in {folder}\n"))
@@ -2067,15 +2115,15 @@ class TestTrain(WithSyntheticData):
         flags = ["--n_iters", "3", "--batch_size", "4", "--print_every", "1"]
         args = self.args(*flags, out="device")
         real_step = torch.optim.lr_scheduler.CosineAnnealingLR.step
-        calls = itertools.count(1)
+        calls, interrupts = itertools.count(1), train.Interrupts()
 
         def step(scheduler):  # a signal during iteration 2 (the first call is the constructor's)
             if next(calls) == 3:
-                train.STOP["signal"] = signal.SIGTERM
+                interrupts.handle(signal.SIGTERM, None)
             return real_step(scheduler)
         with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
-            with self.assertRaises(train.Stopped):
-                quiet(train.run, args)
+            with self.assertRaises(KeyboardInterrupt):
+                quiet(train.run, args, interrupts)
         path = train.run_dir(args) + results.CHECKPOINT
         state = torch.load(path, weights_only=True)
         # the run device's stream only (none of its own on the CPU): any machine can resume it
@@ -2331,18 +2379,31 @@ class TestTrain(WithSyntheticData):
         self.assertAlmostEqual(independent_accuracy(model, dataset.test, dataset.classnames, "a photo of a {}."),
                                trained["accuracy"], places=4)
 
-    def test_two_demos_at_once_both_succeed(self):
-        save_path = os.path.join(self.tmp.name, "demos")
-        command = [sys.executable, os.path.join(HERE, "train.py"), "--device", "cpu", "--dataset", "synthetic", "--backbone", "tiny",
-                   "--shots", "2", "--n_iters", "1", "--workers", "0", "--save_path", save_path]
+    def test_two_runs_and_two_toy_worlds_at_once_all_succeed(self):
+        save_path = os.path.join(self.tmp.name, "twice")
+        command = [sys.executable, os.path.join(HERE, "train.py"), "--device", "cpu", "--dataset", "eurosat",
+                   "--root", self.root, "--backbone", "tiny", "--shots", "2", "--n_iters", "1", "--workers", "0",
+                   "--save_path", save_path]
+        toy = os.path.join(self.tmp.name, "toy")  # the demo's data folder, made by both at once
+        writer = ("import sys, toy_world; print(toy_world.write_datasets(sys.argv[1], "
+                  "{'train': 2, 'val': 1, 'test': 2}))")
         processes = [subprocess.Popen(command + ["--seed", seed], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True) for seed in ("1", "2")]
+        processes += [subprocess.Popen([sys.executable, "-c", writer, toy], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, cwd=HERE) for _ in range(2)]
+        errors = []
         for process in processes:
-            _, err = process.communicate(timeout=120)
+            out, err = process.communicate(timeout=120)
             self.assertEqual(process.returncode, 0, err)
+            errors.append(err)
+        self.assertEqual(out.strip(), toy)
         with open(os.path.join(save_path, "results.jsonl")) as f:
-            self.assertEqual(sorted(json.loads(line)["args"]["seed"] for line in f), [1, 2])
-        self.assertEqual(sorted(os.listdir(save_path)), ["results.jsonl", "synthetic", "synthetic_data"])
+            lines = f.readlines()
+        seeds = sorted(json.loads(line)["args"]["seed"] for line in lines)
+        self.assertEqual(seeds, [1, 2], "".join(lines) + "".join(errors))
+        self.assertEqual(sorted(os.listdir(save_path)), ["eurosat", "results.jsonl"])
+        self.assertFalse([name for name in os.listdir(self.tmp.name) if name.startswith(".toy")])  # no leftover
+        self.assertEqual(len(data.build_dataset("toy_colour", toy, 1, 0).test), 2 * 8)
 
 
 def independent_accuracy(model, items, classnames, template):
@@ -2364,7 +2425,7 @@ class TestCommandLine(unittest.TestCase):
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.tmp = tmp = cls._tmp.name
-        cls.root = data.write_synthetic(os.path.join(tmp, "data"))
+        cls.root = write_synthetic(os.path.join(tmp, "data"))
         cls.cwd = os.path.join(tmp, "cwd")  # the default --save_path "out" lands in here
         os.makedirs(cls.cwd)
         with open(os.path.join(tmp, "notweights.pt"), "w") as f:
@@ -2503,7 +2564,7 @@ class TestCommandLine(unittest.TestCase):
             (adapter("r4"), "adapter r is 4, but this run has r 2"),
             (["--export_merged", os.path.join(t, "nofolder", "m.pt")], f"--export_merged {t}/nofolder/m.pt: folder"),
             (["--export_merged", os.path.join(t, "empty")], f"--export_merged {t}/empty: names a"),
-            (["--dataset", "synthetic", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
+            (["--dataset", "toy_colour", "--root", os.path.join(t, "mine")], f"{t}/mine exists and is not a demo folder"),
             (["--eval_datasets", "toy_colour", "--root", os.path.join(t, "mine")],
              f"{t}/mine exists and is not a demo folder"),
             (["--method", "comp", "--comp_ratio", "0.999"], "--comp_ratio 0.999: visual.transformer.resblocks.0.attn."
@@ -2545,7 +2606,7 @@ class TestCommandLine(unittest.TestCase):
         os.makedirs(os.path.dirname(bad))
         with open(good) as f, open(bad, "w") as out:
             out.write(f.read()[:40])  # truncated
-        result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--summarize", folder],
+        result = subprocess.run([sys.executable, os.path.join(HERE, "results.py"), folder],
                                 capture_output=True, text=True, cwd=self.cwd, timeout=300)
         shutil.rmtree(folder)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -2708,7 +2769,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         write_result(broken, "a", 1, 50.0)
         with open(os.path.join(broken, "a", "results.json"), "w") as f:
             f.write('{"args": {"se')
-        result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--summarize", broken],
+        result = subprocess.run([sys.executable, os.path.join(HERE, "results.py"), broken],
                                 capture_output=True, text=True)
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stdout, "")
@@ -2729,7 +2790,7 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
             self.assertEqual((exit_code.exception.code, err.getvalue()),
                              (2, f"error: unrecognized arguments: {' '.join(argv)} (see --help)\n"))
         with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
-            train.main(["--summarize", self.tmp, "--format", "csv"])  # train.py --summarize DIR: as results.py DIR
+            results.main([self.tmp, "--format", "csv"])
             self.assertEqual(out.getvalue(), results.summarize(self.tmp, "csv") + "\n")
 
     def test_markdown_and_csv_parse_back(self):
