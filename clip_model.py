@@ -267,10 +267,8 @@ def length_groups(eot, cost):
             for members in groups]
 
 
-# Text checkpointing (Transformer.forward) saves the memory of what each checkpointed block keeps
-# for the backward pass; the gradients, adapter dropout included, are the same
-# (test_checkpointed_text_tower_gives_the_same_adapter_gradients,
-# test_checkpointing_some_blocks_and_the_rule_for_how_many).
+# Text checkpointing saves memory and is exact (Transformer.forward); the rule below picks how many
+# text blocks (test_checkpointing_some_blocks_and_the_rule_for_how_many).
 # --text_checkpoint auto: the bytes the text tower may keep for backward (our choice). ImageNet's
 # 1,000 prompts checkpoint 7 of 12 blocks in float32, none in fp16.
 TEXT_ACTIVATION_BUDGET = 2 * 2 ** 30
@@ -283,7 +281,7 @@ def text_checkpoint_blocks(model, tokens, element_size=4, budget=TEXT_ACTIVATION
     """The fewest text blocks `encode_text(tokens, checkpoint=k)` must checkpoint so that the text
     tower keeps at most `budget` bytes for the backward pass (BLOCK_VALUES), each prompt computed
     up to its end token. element_size: 4 for float32, 2 under fp16 or bf16 autocast."""
-    # bytes a value: one of the width's values at every position computed
+    # the bytes of one value (width numbers) at every position computed
     position = int((tokens.argmax(dim=-1) + 1).sum()) * model.transformer.width * element_size
     layers = model.transformer.layers
     kept = BLOCK_VALUES * layers * position  # without checkpointing
