@@ -25,7 +25,8 @@ SETTINGS = {
 
 
 def check_setting(key, value, name=None):
-    """A ValueError naming the layer, the setting and what it accepts, unless SETTINGS accepts it."""
+    """A ValueError naming the layer, the setting and what it accepts,
+    unless SETTINGS accepts it."""
     expected, valid = SETTINGS[key]
     if not valid(value):
         raise ValueError(f"{name + ': ' if name else ''}{key}={value}: expected {expected}")
@@ -300,7 +301,8 @@ def add_adapters(model, layer_class, names=("q_proj", "k_proj", "v_proj"), **lay
 
     An nn.MultiheadAttention holding such a projection (OpenAI CLIP, open_clip) first becomes a
     SplitAttention, so that q_proj, k_proj, v_proj can be named. A model that holds adapters, no
-    name that matches, or a layer or attention that refuses is an error, the model left as it was."""
+    name that matches, or a layer or attention that refuses is an error,
+    the model left as it was."""
     if not (isinstance(layer_class, type) and issubclass(layer_class, LoRALinear)):
         raise TypeError(f"layer_class {layer_class!r}: expected LoRALinear or a subclass")
     names = {names} if isinstance(names, str) else set(names)
