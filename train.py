@@ -35,7 +35,8 @@ from comp_lora import CompLoRALinear, LoRALinear
 from results import UserError
 
 METHODS = {"lora": LoRALinear, "comp": CompLoRALinear, "block": BlockLoRALinear}
-LOGIT_SCALE = 100  # CLIP-LoRA's fixed scale on the cosine similarities (main.py), not the learnt one
+# CLIP-LoRA's fixed scale on the cosine similarities (main.py), not the learnt one
+LOGIT_SCALE = 100
 MAX_SEED = 2 ** 32 - 1  # numpy's limit in CLIP-LoRA's seeding (run_utils.py set_random_seed)
 MAX_COUNT = 2 ** 31 - 1  # the bound of every other integer flag: far beyond any run, and a C int
 # fp16: overflowing steps in a row that stop a run (our bound; a transient one is skipped)
@@ -49,8 +50,10 @@ def run(args, interrupts=None):
     device = check_args(args)
     identity, out = run_config(args, device), run_dir(args)
     evaluate_only = args.eval_only or bool(args.adapter)
-    adapter = results.adapter_to_read(args.adapter, out, clip_lora_file(args)) if evaluate_only else None
-    if not evaluate_only and results.check_run_identity(out, identity, args.overwrite, args.skip_done):
+    adapter = results.adapter_to_read(
+        args.adapter, out, clip_lora_file(args)) if evaluate_only else None
+    if not evaluate_only and results.check_run_identity(out, identity, args.overwrite,
+                                                        args.skip_done):
         print(f"done: {out}")
         return None
     resume = None if evaluate_only else checkpoint_to_resume(args, identity, device, interrupts)
@@ -65,8 +68,8 @@ def run(args, interrupts=None):
         os.path.join(args.save_path, "toy_data"))
     model, preprocess = clip_model.load(args.backbone, device=device)
     layers = add_adapters(model, adapter_config(args))  # lora_B = 0: still the plain model
-    print(f"{args.dataset}: {len(dataset.classnames)} classes, {len(dataset.train)} training images "
-          f"({args.shots} shots), {len(dataset.test)} test images; device {device}")
+    print(f"{args.dataset}: {len(dataset.classnames)} classes, {len(dataset.train)} training "
+          f"images ({args.shots} shots), {len(dataset.test)} test images; device {device}")
     print(comp_lora.parameter_line(model))
     template = dataset.template[0]
     images = test_images(model, preprocess, args, device, dataset)  # unchanged if only text adapts
@@ -107,7 +110,8 @@ def parse_args(argv=None):
         p.add_argument(name, action="store_true", help=help)
     flag("--method", "lora", "lora, comp or block")
     flag("--dataset", "dtd", f"one of {', '.join(data.DATASETS)}")
-    p.add_argument("--root", "--root_path", dest="root", default="", help="data root (CoOp's layout)")
+    p.add_argument("--root", "--root_path", dest="root", default="",
+                   help="data root (CoOp's layout)")
     flag("--shots", 16)
     flag("--seed", 1, f"0 to {MAX_SEED} (numpy's limit, CLIP-LoRA's seeding)")
     flag("--backbone", "ViT-B/16", f"{clip_model.available_models()} or a weights file")
@@ -146,7 +150,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every flag and path, before any download, data pass or folder creation; returns the device."""
+    """Every flag and path, before any download, data pass or folder creation;
+    returns the device."""
     if args.method not in METHODS:
         raise UserError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
     data.check_names(args.dataset, args.eval_datasets)
@@ -171,7 +176,8 @@ def check_numbers(args):
         rules[flag] = (f"a positive integer, at most {MAX_COUNT}", lambda n: 1 <= n <= MAX_COUNT)
     for flag in ("workers", "checkpoint_every"):
         rules[flag] = (f"0 or more, at most {MAX_COUNT}", lambda n: 0 <= n <= MAX_COUNT)
-    for flag, setting in (("alpha", "alpha"), ("dropout_rate", "dropout"), ("comp_ratio", "comp_ratio")):
+    for flag, setting in (("alpha", "alpha"), ("dropout_rate", "dropout"),
+                          ("comp_ratio", "comp_ratio")):
         rules[flag] = comp_lora.SETTINGS[setting]  # what the layers accept
     for flag, (expected, valid) in rules.items():
         if not valid(getattr(args, flag)):
@@ -231,8 +237,8 @@ def run_config(args, device):
 
 
 def checkpoint_to_resume(args, identity, device, interrupts):
-    """The state of this configuration's checkpoint with --resume, else None (results.read_checkpoint
-    refuses another configuration's, which this run would replace)."""
+    """The state of this configuration's checkpoint with --resume, else None
+    (results.read_checkpoint refuses another configuration's, which this run would replace)."""
     path = run_dir(args) + results.CHECKPOINT
     state = results.read_checkpoint(path, dict(identity, seed=args.seed), device, args.resume,
                                     args.overwrite)
@@ -318,8 +324,10 @@ def accuracies_record(dataset, others, plain, adapted, new=None):
         print(f"{name}: zero-shot plain {plain[name]:.2f}  adapted {adapted[name]:.2f}  retention "
               f"{'n/a' if kept is None else f'{kept:.3f}'} (prompt {ds.zeroshot_template!r}, this "
               "dataset's zero-shot prompt)")
-        record.setdefault("retention", {})[name] = {"plain": plain[name], "adapted": adapted[name],
-                                                    "retention": kept, "template": ds.zeroshot_template}
+        record.setdefault("retention", {})[name] = {"plain": plain[name],
+                                                    "adapted": adapted[name],
+                                                    "retention": kept,
+                                                    "template": ds.zeroshot_template}
     if new is not None:
         mean = 2 * final * new / (final + new) if final + new else 0.0
         record.update(base_accuracy=final, new_accuracy=new, harmonic_mean=mean)
@@ -343,7 +351,8 @@ def train(model, dataset, args, device, identity, interrupts, resume=None):
     parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     augment = data.train_transform(model.visual.input_resolution, dataset.augment)
     loader = data.make_loader(dataset.train, augment, batch_size=args.batch_size, shuffle=True,
-                              workers=args.workers, seed=args.seed, pin_memory=device.type == "cuda")
+                              workers=args.workers, seed=args.seed,
+                              pin_memory=device.type == "cuda")
     if resume:
         restore(resume, model, parts, loader, args, device)
     tokens = data.class_prompts(dataset, dataset.template[0]).to(device)
