@@ -1,11 +1,48 @@
 """The whole test suite: `python test_all.py` (unittest, no extra package); pytest collects it too.
 
-Everything runs on a tiny random CLIP and small synthetic datasets written in the real on-disk layouts;
-no network, no GPU. Ends with a line `N passed, N failed`.
+Everything runs on a tiny random CLIP and small synthetic datasets written in the real on-disk
+layouts; no network, no GPU. Ends with a line `N passed, N failed`. unittest's command line runs a
+part: `python test_all.py TestFormulas` (a section), `python test_all.py
+TestFormulas.test_lora_scaling_and_update` (a test), `python test_all.py -k merge` (the tests whose
+names hold "merge"; -k may be given again), `python test_all.py -h` (the other options).
+
+The sections, in file order. A new test goes into the section of what it checks:
+- TestTokenizer: clip_model.tokenize: golden token ids, a text over the context length.
+- TestCLIPModel: the tiny CLIP against RefCLIP (an OpenAI-style reference written here), its
+  checkpoint layouts, the truncated text context, the preprocessing.
+- TestFullSizeReference: ViT-B/16 at its real size against RefCLIP.
+- TestLoadErrors: clip_model.load's refusals, and a corrupt cached download replaced.
+- TestAdapters: train.add_adapters on our CLIP: a no-op at initialisation, every projection,
+  merge, gradients, save and load, parameter counts, CLIP-LoRA's positions. Its tests of every
+  method loop over train.METHODS: a new method added there is tested here, and in TestTrain,
+  automatically.
+- TestFormulas: each layer's formulas written out, checked to float tolerance; a failure names
+  the formula. A new layer class: its update in METHOD_FORMULAS (the forward, dropout and merge
+  tests then check it; layer() builds it) and a test of that update of its own.
+- TestAdapterFunctions: comp_lora's functions (add_adapters, lora_state_dict, merge_and_unload,
+  ...) on models other than ours. TestDropIn: the layer files in a client's code (ClientBlock,
+  torch's own attention, copies of a state dict, casts, torch.func). Both loop over LAYERS: a new
+  layer class added there is tested in both.
+- TestTextEncodingAndPrecision: length groups and text-tower checkpointing, our optimisations (a
+  new one is compared with the plain computation and marked @optimisation_test), fp16 on CPU.
+- TestData: data.py: the few-shot draw against CLIP-LoRA's protocol restated, each on-disk
+  layout, user mistakes, transforms and loaders.
+- TestTrain: train.py's runs end to end on the synthetic data: learning, bit-identical seeds and
+  workers, resume and signals, exports, retention and base-to-new, paths checked before the work.
+- TestCommandLine: user mistakes through the real command line, one process each: a new one is
+  an entry in cases() (the arguments, a fragment of the message, the exit code).
+- TestResults: results.py's own functions, without a training run: summaries, their tables and
+  plot, saving a whole set or keeping the previous one, adapter files (ours and CLIP-LoRA's).
+- TestToyWorld: toy_world.py: drawings and captions, a short pretraining, its datasets through
+  data.py, train.py on the toy backbone.
+Shared fixtures: tiny() (the tiny random CLIP), adapted() (it with a method's adapters),
+write_synthetic() (a small dataset in EuroSAT's and an ImageFolder layout) and WithSyntheticData
+(a class's own copy of it, for the tests that train).
 """
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import io
@@ -97,6 +134,23 @@ def max_rel_err(a, b):
 
 def tiny(seed=0):
     return clip_model.build_random(seed=seed, **clip_model.TINY_CONFIG)
+
+
+OPTIMISATION = ("this test checks our implementation's optimisation (the same numbers computed "
+                "faster or in less memory), not the formula; TestFormulas checks the formulas "
+                "(issue #29)")
+
+
+def optimisation_test(test):
+    """Marks a test of our own speed or memory optimisation (truncated text, length groups,
+    checkpointing): its failure message says so, so that no one reads it as a wrong formula."""
+    @functools.wraps(test)
+    def marked(self):
+        try:
+            test(self)
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{OPTIMISATION}") from failure
+    return marked
 
 
 # ------------------------------------------------------ an independent OpenAI-style reference CLIP
@@ -240,6 +294,7 @@ class TestCLIPModel(unittest.TestCase):
             self.assertTrue(torch.equal(a, c))
             self.assertTrue(torch.equal(b, c))
 
+    @optimisation_test
     def test_truncated_text_equals_full_context(self):
         model = self.model
         with torch.no_grad():
@@ -531,6 +586,12 @@ class TestAdapters(unittest.TestCase):
         model, layers = adapted("lora", ("o",), encoder="vision", position="up")
         self.assertEqual([n for n, m in model.named_modules() if isinstance(m, LoRALinear)],
                          ["visual.transformer.resblocks.2.attn.out_proj"])
+
+    def test_positions_follow_the_official_vit_l_14_table(self):
+        # MaxZanella/CLIP-LoRA loralib/utils.py since e6bf706: ViT-L/14 vision defines only these three
+        official = {"half-bottom": range(0, 12), "half-up": range(12, 24), "all": range(0, 24)}
+        for position, blocks in official.items():
+            self.assertEqual(list(clip_model._position_blocks(position, 24)), list(blocks), position)
 
 
 # ------------------------------------------------------------------------------ the formulas
@@ -1090,7 +1151,9 @@ class WithSyntheticData(unittest.TestCase):
 
 
 class TestTextEncodingAndPrecision(WithSyntheticData):
-    """Length-grouped text encoding, text-tower checkpointing, and the fp16 path (autocast + GradScaler) on CPU."""
+    """Length-grouped text encoding, text-tower checkpointing, and the fp16 path (autocast +
+    GradScaler) on CPU. The first two are our optimisations, each checked against the plain
+    computation (@optimisation_test: a failure says it is not the formula's)."""
 
     PROMPTS = PROMPTS + ["a photo of a dog.", "a photo of a big red fire truck.", "a photo of a cat.", "ok"]
 
@@ -1109,6 +1172,7 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
         (out * weights).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    @optimisation_test
     def test_length_groups_equal_full_context_outputs_and_gradients(self):
         tokens = clip_model.tokenize(self.PROMPTS)
         ends = tokens.argmax(-1)
@@ -1126,6 +1190,7 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
             for name, grad in full_grads.items():
                 self.assertLessEqual(max_rel_err(grads[name], grad), 1e-5, (cost, name))
 
+    @optimisation_test
     def test_checkpointed_text_tower_gives_the_same_adapter_gradients(self):
         tokens = clip_model.tokenize(self.PROMPTS)
         model, layers = adapted("block", encoder="text")
@@ -1155,6 +1220,7 @@ class TestTextEncodingAndPrecision(WithSyntheticData):
         other, _ = gradients(2, checkpoint=False)  # another seed, other masks: the comparison above can fail
         self.assertGreater(max(max_rel_err(other[n], g) for n, g in plain.items()), 1e-3)
 
+    @optimisation_test
     def test_checkpointing_some_blocks_and_the_rule_for_how_many(self):
         tokens = clip_model.tokenize(self.PROMPTS)
         model, layers = adapted("lora", encoder="text")
@@ -1757,6 +1823,9 @@ def quiet(function, *args):
 
 
 class TestTrain(WithSyntheticData):
+    """train.py's runs end to end on the synthetic data, each into a folder of its own under the
+    class's temporary folder (args(out=...)); what results.py does alone is TestResults'."""
+
     def args(self, *extra, out="out"):
         return train.parse_args(["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4",
                                  "--n_iters", "8", "--lr", "5e-3", "--workers", "0", "--print_every", "8", "--device", "cpu",
@@ -2222,97 +2291,6 @@ class TestTrain(WithSyntheticData):
         with open(os.path.join(self.tmp.name, "identity", "results.jsonl")) as f:
             self.assertEqual([json.loads(line)["config"]["r"] for line in f], [2, 2, 4])
 
-    def test_a_fault_at_any_save_step_keeps_the_previous_set(self):
-        """Disk full or Ctrl-C at each system call of a save: the earlier set stays whole (or, once the new set is
-        committed, the new one is whole), and what a fault leaves behind is cleaned by the next save's recovery."""
-        faults = os.path.join(self.tmp.name, "faults")
-        folder, log = os.path.join(faults, "run"), os.path.join(faults, "results.jsonl")
-
-        def save(tag):
-            results.save(folder, {"adapter.pt": lambda f: f.write(b"adapter " + tag),
-                                  "results.json": lambda f: f.write(b"results " + tag)}, log=(log, tag.decode() + "\n"))
-
-        save(b"old")
-        with open(os.path.join(folder, "notes.txt"), "w") as f:  # a user's own file in the run folder stays
-            f.write("mine")
-        before = tree_state(faults)
-        after = {**before, "run/adapter.pt": b"adapter new", "run/results.json": b"results new",
-                 "results.jsonl": b"old\nnew\n"}
-        for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
-            outcomes = []
-            for fault in itertools.count():
-                calls = itertools.count()
-
-                def failing(real):
-                    def call(*args, **kwargs):
-                        if next(calls) == fault:
-                            raise error
-                        return real(*args, **kwargs)
-                    return call
-                with contextlib.ExitStack() as stack:
-                    for name in ("fsync", "replace", "write", "open", "mkdir", "ftruncate", "link", "rmdir", "unlink"):
-                        stack.enter_context(mock.patch(f"os.{name}", failing(getattr(os, name))))
-                    try:
-                        save(b"new")
-                    except (results.UserError, KeyboardInterrupt) as raised:
-                        if isinstance(error, OSError):
-                            self.assertIsInstance(raised, results.UserError)
-                            self.assertRegex(str(raised), r"cannot write \(No space left on device\); nothing was saved")
-                with contextlib.redirect_stderr(io.StringIO()):
-                    results.recover(folder)  # what the next run does first
-                state = tree_state(faults)
-                self.assertIn(state, (before, after), (error, fault))
-                outcomes.append(state == before)
-                if state == after:  # put the old set back for the next fault
-                    shutil.rmtree(folder)
-                    os.remove(log)
-                    save(b"old")
-                    with open(os.path.join(folder, "notes.txt"), "w") as f:
-                        f.write("mine")
-                    self.assertEqual(tree_state(faults), before)
-                if next(calls) <= fault:  # the save made fewer calls: every one of them has failed once
-                    break
-            self.assertGreater(outcomes.count(True), 5, error)  # faults before the commit keep the old set
-            self.assertFalse(outcomes[-1], error)
-        first = os.path.join(faults, "first")  # a first save whose log line fails leaves no folder behind
-        with mock.patch("os.write", side_effect=OSError(28, "No space left on device")):
-            with self.assertRaisesRegex(results.UserError, "results.jsonl: cannot write"):
-                results.save(first, {"adapter.pt": lambda f: f.write(b"a")}, log=(log, "line\n"))
-        self.assertFalse(os.path.lexists(first))
-
-    def test_a_kill_at_any_rename_leaves_a_whole_set(self):
-        """SIGKILL at the k-th rename of a save: the folder holds the old or the new set, and the next run's
-        recovery puts the old one back where none is, and removes the leftovers."""
-        kills = os.path.join(self.tmp.name, "kills")
-        folder = os.path.join(kills, "run")
-        script = ("import os, signal, sys, results\n"
-                  "calls = [0]\n"
-                  "def killing(real):\n"
-                  "    def call(*args):\n"
-                  "        calls[0] += 1\n"
-                  "        if calls[0] == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)\n"
-                  "        return real(*args)\n"
-                  "    return call\n"
-                  "os.replace, os.fsync = killing(os.replace), killing(os.fsync)\n"
-                  "tag = sys.argv[3].encode()\n"
-                  "results.save(sys.argv[1], {'adapter.pt': lambda f: f.write(b'a' + tag), "
-                  "'results.json': lambda f: f.write(b'r' + tag)}, log=(sys.argv[1] + '.jsonl', sys.argv[3] + '\\n'))\n")
-        # calls of the second save: 1-2 fsync the files, 3 the staged folder, 4 set the old folder aside, 5 rename
-        # the new one into place, 6 fsync the log line, 7 the parent folder; 8 never comes
-        for kill_at in range(3, 9):
-            shutil.rmtree(kills, ignore_errors=True)
-            subprocess.run([sys.executable, "-c", script, folder, "0", "old"], check=True, cwd=HERE)
-            process = subprocess.run([sys.executable, "-c", script, folder, str(kill_at), "new"], cwd=HERE)
-            self.assertEqual(process.returncode, 0 if kill_at == 8 else -signal.SIGKILL)
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                results.recover(folder)
-            self.assertEqual(sorted(os.listdir(kills)), ["run", "run.jsonl"], kill_at)
-            tag = b"old" if kill_at <= 5 else b"new"
-            self.assertEqual(tree_state(folder), {".": None, "adapter.pt": b"a" + tag, "results.json": b"r" + tag},
-                             kill_at)
-            self.assertEqual(bool(err.getvalue()), kill_at in (3, 4, 5, 6), kill_at)
-
     def test_disk_full_during_a_run_is_one_line_and_keeps_earlier_results(self):
         first = self.args("--n_iters", "1", out="diskfull")
         quiet(train.run, first)
@@ -2321,38 +2299,6 @@ class TestTrain(WithSyntheticData):
             with self.assertRaisesRegex(train.UserError, r"seed1/adapter\.pt: cannot write \(No space left on device\)"):
                 quiet(train.run, self.args("--n_iters", "1", out="diskfull"))
         self.assertEqual(tree_state(first.save_path), before)
-
-    def test_adapter_files_are_loaded_strictly(self):
-        model, layers = adapted("lora")
-        config = train.adapter_config(train.parse_args(["--backbone", "tiny"]))
-        tensors = comp_lora.lora_state_dict(model)
-        first = next(iter(tensors))
-        variants = {
-            "extra": ({"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}},
-                      r"unexpected tensor 'visual\.ln_post\.weight'"),
-            "shape": ({"config": config, "state_dict": {**tensors, first: torch.zeros(3, 3)}},
-                      rf"tensor '{re.escape(first)}' has shape \(3, 3\), expected \(2, 128\)"),
-            "missing": ({"config": config, "state_dict": {k: v for k, v in tensors.items() if k != first}},
-                        rf"adapter tensor '{re.escape(first)}' is missing"),
-            "nan": ({"config": config, "state_dict": {**tensors, first: torch.full((2, 128), math.nan)}},
-                    rf"tensor '{re.escape(first)}' holds NaN"),
-            "config": ({"config": ["lora"], "state_dict": tensors}, r"not an adapter file of train\.py or CLIP-LoRA"),
-            "plain": (tensors, r"not an adapter file of train\.py or CLIP-LoRA"),
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, (content, pattern) in variants.items():
-                path = os.path.join(tmp, f"{name}.pt")
-                torch.save(content, path)
-                fresh, _ = adapted("lora", seed=3)
-                state = copy.deepcopy(fresh.state_dict())
-                with self.assertRaisesRegex(train.UserError, rf"^{re.escape(path)}: {pattern}"):
-                    train.load_adapters(path, fresh, config)
-                self.assertTrue(all(torch.equal(state[k], v) for k, v in fresh.state_dict().items()), name)
-            garbage = os.path.join(tmp, "garbage.pt")
-            with open(garbage, "wb") as f:
-                f.write(b"\x80\x02not a zip")
-            with self.assertRaisesRegex(train.UserError, rf"{re.escape(garbage)}: cannot be read as an adapter file"):
-                train.load_adapters(garbage, adapted("lora")[0], config)
 
     def test_worker_count_does_not_change_the_adapter(self):
         tensors = []
@@ -2599,21 +2545,6 @@ class TestCommandLine(unittest.TestCase):
              f"--shots {'9' * 401}: expected a positive integer, at most 2147483647"),
         ]
 
-    def test_summarize_names_a_bad_results_file_and_goes_on(self):
-        folder = os.path.join(self.tmp, "summary_cli")
-        good = write_result(folder, "good", 1, 61.5, dataset="eurosat", shots=4)
-        bad = os.path.join(folder, "bad", "results.json")
-        os.makedirs(os.path.dirname(bad))
-        with open(good) as f, open(bad, "w") as out:
-            out.write(f.read()[:40])  # truncated
-        result = subprocess.run([sys.executable, os.path.join(HERE, "results.py"), folder],
-                                capture_output=True, text=True, cwd=self.cwd, timeout=300)
-        shutil.rmtree(folder)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-        self.assertTrue(result.stderr.startswith(f"skipped {bad}: not valid JSON ("), result.stderr)
-        self.assertIn("61.50 ± 0.00 (1)", result.stdout)
-
     def test_each_mistake_is_one_line_and_writes_nothing(self):
         base = ["--backbone", "tiny", "--dataset", "eurosat", "--root", self.root, "--shots", "4", "--n_iters", "1",
                 "--workers", "0", "--device", "cpu"]
@@ -2636,7 +2567,7 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(tree_state(self.tmp), before)
 
 
-# ------------------------------------------------------------ --summarize and CLIP-LoRA's adapter files
+# ---------------------------------------------------------------------------------------- results.py
 
 SUMMARY_CONFIG = {"method": "lora", "backbone": "ViT-B/16", "r": 2, "alpha": 1.0, "dropout_rate": 0.25,
                   "encoder": "both", "params": ["q", "k", "v"], "position": "all", "blocks": None, "comp_ratio": None,
@@ -2687,7 +2618,12 @@ def clip_lora_layout(model, metadata):
     return {"weights": weights, "metadata": dict(metadata)}
 
 
-class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
+class TestResults(unittest.TestCase):
+    """results.py's own functions, without a training run: the summary of a folder of runs (its
+    tables, the results.py command line, the plot), saving a whole set of files or keeping the
+    previous one, and reading adapter files, ours and CLIP-LoRA's. setUp writes a folder of
+    results.json files: two configurations (r 2 and r 4), two datasets, two shot counts."""
+
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory()
         self.tmp = self._tmp.name
@@ -2721,6 +2657,8 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
 
     def expected_average(self, r, shots, datasets=("eurosat", "dtd")):
         return sum(mean_std(self.accuracy[r, d, shots])[0] for d in datasets) / len(datasets)
+
+    # ------------------------------------------------------------------ summaries, their tables, the plot
 
     def test_summary_groups_configurations_with_independent_statistics(self):
         table, err = summarized(self.tmp)
@@ -2792,6 +2730,21 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
             results.main([self.tmp, "--format", "csv"])
             self.assertEqual(out.getvalue(), results.summarize(self.tmp, "csv") + "\n")
+
+    def test_summarize_names_a_bad_results_file_and_goes_on(self):
+        folder = os.path.join(self.tmp, "summary_cli")
+        good = write_result(folder, "good", 1, 61.5, dataset="eurosat", shots=4)
+        bad = os.path.join(folder, "bad", "results.json")
+        os.makedirs(os.path.dirname(bad))
+        with open(good) as f, open(bad, "w") as out:
+            out.write(f.read()[:40])  # truncated
+        result = subprocess.run([sys.executable, os.path.join(HERE, "results.py"), folder],
+                                capture_output=True, text=True, cwd=self.tmp, timeout=300)
+        shutil.rmtree(folder)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith(f"skipped {bad}: not valid JSON ("), result.stderr)
+        self.assertIn("61.50 ± 0.00 (1)", result.stdout)
 
     def test_markdown_and_csv_parse_back(self):
         import csv
@@ -2901,13 +2854,133 @@ class TestSummaryAndCLIPLoRAFiles(unittest.TestCase):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr)
 
-    # ------------------------------------------------------------------ CLIP-LoRA's adapter files
 
-    def test_positions_follow_the_official_vit_l_14_table(self):
-        # MaxZanella/CLIP-LoRA loralib/utils.py since e6bf706: ViT-L/14 vision defines only these three
-        official = {"half-bottom": range(0, 12), "half-up": range(12, 24), "all": range(0, 24)}
-        for position, blocks in official.items():
-            self.assertEqual(list(clip_model._position_blocks(position, 24)), list(blocks), position)
+    # ------------------------------------------------------------------ saving: a whole set or the previous one
+
+    def test_a_fault_at_any_save_step_keeps_the_previous_set(self):
+        """Disk full or Ctrl-C at each system call of a save: the earlier set stays whole (or, once the new set is
+        committed, the new one is whole), and what a fault leaves behind is cleaned by the next save's recovery."""
+        faults = os.path.join(self.tmp, "faults")
+        folder, log = os.path.join(faults, "run"), os.path.join(faults, "results.jsonl")
+
+        def save(tag):
+            results.save(folder, {"adapter.pt": lambda f: f.write(b"adapter " + tag),
+                                  "results.json": lambda f: f.write(b"results " + tag)}, log=(log, tag.decode() + "\n"))
+
+        save(b"old")
+        with open(os.path.join(folder, "notes.txt"), "w") as f:  # a user's own file in the run folder stays
+            f.write("mine")
+        before = tree_state(faults)
+        after = {**before, "run/adapter.pt": b"adapter new", "run/results.json": b"results new",
+                 "results.jsonl": b"old\nnew\n"}
+        for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+            outcomes = []
+            for fault in itertools.count():
+                calls = itertools.count()
+
+                def failing(real):
+                    def call(*args, **kwargs):
+                        if next(calls) == fault:
+                            raise error
+                        return real(*args, **kwargs)
+                    return call
+                with contextlib.ExitStack() as stack:
+                    for name in ("fsync", "replace", "write", "open", "mkdir", "ftruncate", "link", "rmdir", "unlink"):
+                        stack.enter_context(mock.patch(f"os.{name}", failing(getattr(os, name))))
+                    try:
+                        save(b"new")
+                    except (results.UserError, KeyboardInterrupt) as raised:
+                        if isinstance(error, OSError):
+                            self.assertIsInstance(raised, results.UserError)
+                            self.assertRegex(str(raised), r"cannot write \(No space left on device\); nothing was saved")
+                with contextlib.redirect_stderr(io.StringIO()):
+                    results.recover(folder)  # what the next run does first
+                state = tree_state(faults)
+                self.assertIn(state, (before, after), (error, fault))
+                outcomes.append(state == before)
+                if state == after:  # put the old set back for the next fault
+                    shutil.rmtree(folder)
+                    os.remove(log)
+                    save(b"old")
+                    with open(os.path.join(folder, "notes.txt"), "w") as f:
+                        f.write("mine")
+                    self.assertEqual(tree_state(faults), before)
+                if next(calls) <= fault:  # the save made fewer calls: every one of them has failed once
+                    break
+            self.assertGreater(outcomes.count(True), 5, error)  # faults before the commit keep the old set
+            self.assertFalse(outcomes[-1], error)
+        first = os.path.join(faults, "first")  # a first save whose log line fails leaves no folder behind
+        with mock.patch("os.write", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaisesRegex(results.UserError, "results.jsonl: cannot write"):
+                results.save(first, {"adapter.pt": lambda f: f.write(b"a")}, log=(log, "line\n"))
+        self.assertFalse(os.path.lexists(first))
+
+    def test_a_kill_at_any_rename_leaves_a_whole_set(self):
+        """SIGKILL at the k-th rename of a save: the folder holds the old or the new set, and the next run's
+        recovery puts the old one back where none is, and removes the leftovers."""
+        kills = os.path.join(self.tmp, "kills")
+        folder = os.path.join(kills, "run")
+        script = ("import os, signal, sys, results\n"
+                  "calls = [0]\n"
+                  "def killing(real):\n"
+                  "    def call(*args):\n"
+                  "        calls[0] += 1\n"
+                  "        if calls[0] == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "        return real(*args)\n"
+                  "    return call\n"
+                  "os.replace, os.fsync = killing(os.replace), killing(os.fsync)\n"
+                  "tag = sys.argv[3].encode()\n"
+                  "results.save(sys.argv[1], {'adapter.pt': lambda f: f.write(b'a' + tag), "
+                  "'results.json': lambda f: f.write(b'r' + tag)}, log=(sys.argv[1] + '.jsonl', sys.argv[3] + '\\n'))\n")
+        # calls of the second save: 1-2 fsync the files, 3 the staged folder, 4 set the old folder aside, 5 rename
+        # the new one into place, 6 fsync the log line, 7 the parent folder; 8 never comes
+        for kill_at in range(3, 9):
+            shutil.rmtree(kills, ignore_errors=True)
+            subprocess.run([sys.executable, "-c", script, folder, "0", "old"], check=True, cwd=HERE)
+            process = subprocess.run([sys.executable, "-c", script, folder, str(kill_at), "new"], cwd=HERE)
+            self.assertEqual(process.returncode, 0 if kill_at == 8 else -signal.SIGKILL)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                results.recover(folder)
+            self.assertEqual(sorted(os.listdir(kills)), ["run", "run.jsonl"], kill_at)
+            tag = b"old" if kill_at <= 5 else b"new"
+            self.assertEqual(tree_state(folder), {".": None, "adapter.pt": b"a" + tag, "results.json": b"r" + tag},
+                             kill_at)
+            self.assertEqual(bool(err.getvalue()), kill_at in (3, 4, 5, 6), kill_at)
+
+    # ------------------------------------------------------------------ adapter files: ours and CLIP-LoRA's
+
+    def test_adapter_files_are_loaded_strictly(self):
+        model, layers = adapted("lora")
+        config = train.adapter_config(train.parse_args(["--backbone", "tiny"]))
+        tensors = comp_lora.lora_state_dict(model)
+        first = next(iter(tensors))
+        variants = {
+            "extra": ({"config": config, "state_dict": {**tensors, "visual.ln_post.weight": torch.ones(128)}},
+                      r"unexpected tensor 'visual\.ln_post\.weight'"),
+            "shape": ({"config": config, "state_dict": {**tensors, first: torch.zeros(3, 3)}},
+                      rf"tensor '{re.escape(first)}' has shape \(3, 3\), expected \(2, 128\)"),
+            "missing": ({"config": config, "state_dict": {k: v for k, v in tensors.items() if k != first}},
+                        rf"adapter tensor '{re.escape(first)}' is missing"),
+            "nan": ({"config": config, "state_dict": {**tensors, first: torch.full((2, 128), math.nan)}},
+                    rf"tensor '{re.escape(first)}' holds NaN"),
+            "config": ({"config": ["lora"], "state_dict": tensors}, r"not an adapter file of train\.py or CLIP-LoRA"),
+            "plain": (tensors, r"not an adapter file of train\.py or CLIP-LoRA"),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (content, pattern) in variants.items():
+                path = os.path.join(tmp, f"{name}.pt")
+                torch.save(content, path)
+                fresh, _ = adapted("lora", seed=3)
+                state = copy.deepcopy(fresh.state_dict())
+                with self.assertRaisesRegex(train.UserError, rf"^{re.escape(path)}: {pattern}"):
+                    train.load_adapters(path, fresh, config)
+                self.assertTrue(all(torch.equal(state[k], v) for k, v in fresh.state_dict().items()), name)
+            garbage = os.path.join(tmp, "garbage.pt")
+            with open(garbage, "wb") as f:
+                f.write(b"\x80\x02not a zip")
+            with self.assertRaisesRegex(train.UserError, rf"{re.escape(garbage)}: cannot be read as an adapter file"):
+                train.load_adapters(garbage, adapted("lora")[0], config)
 
     def test_clip_lora_path(self):
         self.assertEqual(results.clip_lora_path("runs", "ViT-B/16", "dtd", 16, 1),
