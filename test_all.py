@@ -1,10 +1,12 @@
 """The whole test suite: `python test_all.py` (unittest, no extra package); pytest collects it too.
 
 Everything runs on a tiny random CLIP and small synthetic datasets written in the real on-disk
-layouts; no network, no GPU. Ends with a line `N passed, N failed`. unittest's command line runs a
-part: `python test_all.py TestFormulas` (a section), `python test_all.py
-TestFormulas.test_lora_scaling_and_update` (a test), `python test_all.py -k merge` (the tests whose
-names hold "merge"; -k may be given again), `python test_all.py -h` (the other options).
+layouts; no network, no GPU. Ends with a line `N passed, N failed`. A part, through unittest's own
+command line:
+    python test_all.py TestFormulas                                # one section
+    python test_all.py TestFormulas.test_lora_scaling_and_update   # one test
+    python test_all.py -k merge      # the tests whose names hold "merge" (-k may be repeated)
+    python test_all.py -h            # the other options
 
 The sections, in file order. A new test goes into the section of what it checks:
 - TestTokenizer: clip_model.tokenize: golden token ids, a text over the context length.
@@ -30,7 +32,7 @@ The sections, in file order. A new test goes into the section of what it checks:
 - TestTrain: train.py's runs end to end on the synthetic data: learning, bit-identical seeds and
   workers, resume and signals, exports, retention and base-to-new, paths checked before the work.
 - TestCommandLine: user mistakes through the real command line, one process each: a new one is
-  an entry in cases() (the arguments, a fragment of the message, the exit code).
+  an entry in cases() (the arguments, a fragment of the message, the exit code if not 1).
 - TestResults: results.py's own functions, without a training run: summaries, their tables and
   plot, saving a whole set or keeping the previous one, adapter files (ours and CLIP-LoRA's).
 - TestToyWorld: toy_world.py: drawings and captions, a short pretraining, its datasets through
@@ -2375,7 +2377,7 @@ class TestTrain(WithSyntheticData):
                     contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as code:
                 quiet(train.main, argv)
             return code.exception.code, err.getvalue()
-        save_path = os.path.join(self.tmp.name, "twice")
+        save_path = os.path.join(self.tmp.name, "second_signal")
         argv = ["--dataset", "eurosat", "--root", self.root, "--backbone", "tiny", "--shots", "4",
                 "--workers", "0", "--device", "cpu", "--save_path", save_path, *flags]
         with mock.patch.object(torch.optim.lr_scheduler.CosineAnnealingLR, "step", step):
