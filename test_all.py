@@ -148,8 +148,7 @@ def tiny(seed=0):
 
 
 OPTIMISATION = ("this test checks our implementation's optimisation (the same numbers computed "
-                "faster or in less memory), not the formula; TestFormulas checks the formulas "
-                "(issue #29)")
+                "faster or in less memory), not the formula; TestFormulas checks the formulas")
 
 
 def optimisation_test(test):
@@ -1512,6 +1511,14 @@ def tree_state(folder):
 
 
 class TestData(unittest.TestCase):
+    def test_the_readme_datasets_table_is_dataset_help(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for name, layout in data.DATASET_HELP.items():
+            self.assertIn(f"| `{name}` | {layout} |", lines,
+                          f"README.md's Datasets table: the row of {name} differs from "
+                          "data.DATASET_HELP, the text of its errors")
+
     @classmethod
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
@@ -3513,6 +3520,16 @@ class TestToyWorld(unittest.TestCase):
         (one, _), (two, _) = (toy_world.pretrain(tiny, log=lambda line: None) for _ in range(2))
         self.assertTrue(all(torch.equal(a, b) for a, b in zip(one.state_dict().values(),
                                                                two.state_dict().values())))
+        # the pretraining runs on its own thread count (the order of the sums follows it), then
+        # gives the caller's back
+        threads, seen = torch.get_num_threads(), []
+        torch.set_num_threads(1)
+        try:
+            toy_world.pretrain(tiny, log=lambda line: seen.append(torch.get_num_threads()))
+            self.assertEqual(seen, [tiny["threads"]])
+            self.assertEqual(torch.get_num_threads(), 1)
+        finally:
+            torch.set_num_threads(threads)
 
     def test_toy_datasets_load_through_data_py_with_their_prompts(self):
         prompts = {"toy_colour": "a photo of a red shape.", "toy_count": "a photo of one shape.",
