@@ -35,6 +35,8 @@ RUN_FIELDS = ("dataset", "shots", "method", "backbone", "r", "alpha", "dropout_r
 ADAPTER_FIELDS = ("method", "r", "alpha", "scaling_rule", "blocks", "comp_ratio", "encoder",
                   "position", "params", "backbone")
 MAX_RESULTS_BYTES = 16 << 20  # ours are a few KB: a larger results.json is skipped unread
+# a run folder's files, and the log of every run beside the dataset folders
+ADAPTER, RESULTS, LOG = "adapter.pt", "results.json", "results.jsonl"
 CHECKPOINT = ".checkpoint.pt"  # a run's checkpoint is run_dir(...) + CHECKPOINT, beside its folder
 STAGED = re.compile(r"\.(.+)\.(tmp|old)(\d+)")  # what a save leaves beside <name>: .<name>.tmp<pid>
 REPLACE = "choose another --save_path, or pass --overwrite to replace it"
@@ -260,7 +262,7 @@ def difference(saved, config, fields):
 def check_run_identity(folder, config, overwrite, skip_done=False):
     """Refuse to replace a saved run of another configuration (unless --overwrite); True: done
     (same, skip_done)."""
-    files = [os.path.join(folder, name) for name in ("results.json", "adapter.pt")]
+    files = [os.path.join(folder, name) for name in (RESULTS, ADAPTER)]
     if not any(map(os.path.lexists, files)):
         return False
     try:
@@ -361,7 +363,7 @@ def clip_lora_path(save_path, backbone, dataset, shots, seed, filename="lora_wei
 def adapter_to_read(given, folder, clip_lora_file):
     """The adapter file to evaluate: `given` (--adapter), else ours in the run folder, else
     CLIP-LoRA's file."""
-    ours = os.path.join(folder, "adapter.pt")
+    ours = os.path.join(folder, ADAPTER)
     found = given or next((path for path in (ours, clip_lora_file) if os.path.isfile(path)), None)
     if not found:
         raise UserError(f"{ours}: no adapter file, nor CLIP-LoRA's {clip_lora_file} "
@@ -525,10 +527,10 @@ def read_results(directory, metric="accuracy"):
         subfolders += [m[1] for m in map(STAGED.fullmatch, subfolders)
                        if m and m[2] == "old" and recover(os.path.join(folder, m[1]))]
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        if "results.json" not in files:
+        if RESULTS not in files:
             continue
         found += 1
-        path = os.path.join(folder, "results.json")
+        path = os.path.join(folder, RESULTS)
         try:
             config, seed, accuracy = read_result(path, metric)
             earlier, _, _, earlier_accuracy = first.setdefault(

@@ -3370,7 +3370,7 @@ class TestResults(unittest.TestCase):
         integer_b = torch.zeros(128, 2, dtype=torch.long)  # lora_B's shape, not floats
         cases = [
             (lambda s: s["metadata"].pop("alpha"),
-             r"metadata\['alpha'\] is None, but this run has alpha 1$"),
+             r"metadata\['alpha'\] is None, but this run has alpha 1.0$"),
             (lambda s: s["metadata"].update(params=["q", "x"]),
              r"metadata\['params'\] is \['q', 'x'\]"),
             (lambda s: s["metadata"].update(position="top"), r"metadata\['position'\] is 'top'"),

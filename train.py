@@ -119,8 +119,7 @@ def parse_args(argv=None):
     flag("--n_iters", 500, "total iterations = n_iters x shots")
     flag("--batch_size", 32)
     flag("--r", 2)
-    p.add_argument("--alpha", type=float, default=1,  # an int default prints as CLIP-LoRA's
-                   help="scaling s = alpha / sqrt(r); 0 is refused")
+    flag("--alpha", 1.0, "scaling s = alpha / sqrt(r); 0 is refused")
     flag("--dropout_rate", 0.25)
     flag("--encoder", "both", choices=["text", "vision", "both"])
     p.add_argument("--params", nargs="+", default=["q", "k", "v"], choices=clip_model.PROJECTIONS,
@@ -187,7 +186,7 @@ def check_numbers(args):
 def check_paths(args):
     """Every path the run reads or writes: what it reads is there, what it writes can be written
     (results.check_writable), and --export_merged names none of the others."""
-    run, log = run_dir(args), os.path.join(args.save_path, "results.jsonl")
+    run, log = run_dir(args), os.path.join(args.save_path, results.LOG)
     # every reader of a run folder first puts back one a killed save set aside (results.recover)
     results.recover(os.path.dirname(os.path.abspath(args.adapter)) if args.adapter else run)
     if args.adapter and not os.path.isfile(args.adapter):
@@ -199,7 +198,7 @@ def check_paths(args):
     if not args.export_merged:
         return
     results.check_writable(args.export_merged, "--export_merged")
-    outputs = [*writes, os.path.join(run, "adapter.pt"), os.path.join(run, "results.json")]
+    outputs = [*writes, os.path.join(run, results.ADAPTER), os.path.join(run, results.RESULTS)]
     taken = [("--backbone", args.backbone), ("--adapter", args.adapter),
              ("--filename", clip_lora_file(args)), *(("--save_path", path) for path in outputs)]
     for flag, path in taken:
@@ -464,16 +463,15 @@ def save_run(args, record, model, interrupts):
     (results.save); then the checkpoint goes. A first signal waits for the save to end."""
     out = run_dir(args)
     adapter = results.adapter_file(adapter_config(args), comp_lora.lora_state_dict(model))
-    files = {"adapter.pt": lambda f: torch.save(adapter, f),
-             "results.json": lambda f: f.write(json.dumps(record, indent=2).encode())}
-    log = (os.path.join(args.save_path, "results.jsonl"), json.dumps(record) + "\n")
-    identity = record["config"]
+    files = {results.ADAPTER: lambda f: torch.save(adapter, f),
+             results.RESULTS: lambda f: f.write(json.dumps(record, indent=2).encode())}
+    log = (os.path.join(args.save_path, results.LOG), json.dumps(record) + "\n")
     interrupts.waiting = True
-    results.save(out, files, log=log,
-                 before_commit=lambda: results.check_run_identity(out, identity, args.overwrite))
+    results.save(out, files, log=log, before_commit=lambda: results.check_run_identity(
+        out, record["config"], args.overwrite))
     results.remove(out + results.CHECKPOINT)  # the run is complete: nothing to resume
     interrupts.waiting, interrupts.kept = False, f"the run was saved in {out}"
-    print(f"saved {os.path.join(out, 'adapter.pt')} and results.json")
+    print(f"saved {os.path.join(out, results.ADAPTER)} and {results.RESULTS}")
     interrupts.stop_if_signalled()
 
 
