@@ -57,8 +57,8 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections, ,
-    so an adapter can wrap any of them."""
+    """Multi-head self-attention with separate q/k/v/out projections, so an adapter can wrap
+    any of them."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -158,8 +158,8 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """CLIP with a ViT image encoder; constructor arguments as 
-    constructor arguments as openai/CLIP's `CLIP` (vision_layers an int)."""
+    """CLIP with a ViT image encoder; constructor arguments as openai/CLIP's `CLIP`
+    (vision_layers an int)."""
 
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_layers):
