@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 import clip_model
+import results
 
 README_HINT = "see README.md, section Datasets"
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
@@ -604,6 +605,7 @@ def write_demo(root, params, write):
         write(building)
         with open(os.path.join(building, _DEMO_MARK), "w") as f:
             json.dump(params, f)
+        _sync_tree(building)  # durable before the rename makes it the complete folder
         try:
             os.rename(building, root)  # atomic; replaces `root` only if it is an empty folder
         except OSError:
@@ -615,6 +617,15 @@ def write_demo(root, params, write):
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return root
+
+
+def _sync_tree(folder):
+    """fsync every file and folder under `folder`, as results.save does its files."""
+    for here, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(here, name), "r+b") as f:  # writable: Windows syncs only those
+                os.fsync(f.fileno())
+        results.sync_folder(here)
 
 
 def _is_demo(root, params):

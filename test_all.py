@@ -1519,6 +1519,29 @@ class TestData(unittest.TestCase):
                           f"README.md's Datasets table: the row of {name} differs from "
                           "data.DATASET_HELP, the text of its errors")
 
+    def test_a_demo_folder_is_synced_before_it_takes_its_name(self):
+        def write(folder):
+            os.mkdir(os.path.join(folder, "images"))
+            for name in ("a.png", "b.png"):
+                with open(os.path.join(folder, "images", name), "wb") as f:
+                    f.write(b"image")
+
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("needs /proc/self/fd to name a synced file")
+        root = os.path.join(self.tmp, "synced")
+        synced, real_fsync = [], os.fsync
+
+        def fsync(fd):  # records the path synced
+            synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+        with mock.patch.object(os, "fsync", fsync):
+            data.write_demo(root, {"test": 1}, write)
+        # each under its temporary folder, before the rename gives it its name
+        self.assertFalse([path for path in synced if path.startswith(root + os.sep)])
+        staged = {os.path.relpath(path, self.tmp).partition(os.sep)[2] for path in synced}
+        self.assertLessEqual({"images/a.png", "images/b.png", data._DEMO_MARK, "images"}, staged)
+        self.assertTrue(os.path.isfile(os.path.join(root, "images", "a.png")))
+
     @classmethod
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
