@@ -13,6 +13,7 @@ clip_model.build_random, which leaves torch's global stream as it was): the same
 same files, and the same weights bit for bit on the same CPU type (the pretraining pins its thread
 count, PRETRAIN["threads"])."""
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -255,6 +256,17 @@ def _adamw(parameters, s):
         return torch.optim.AdamW(parameters, foreach=True, **options)
 
 
+@contextlib.contextmanager
+def _threads(count):
+    """torch's thread count is `count` in the block, then the caller's again."""
+    caller = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(caller)
+
+
 def pretrain(settings=None, log=print):
     """A CLIP of MODEL's sizes trained contrastively on captioned scenes with `settings` (PRETRAIN's
     by default); returns (the model in eval mode, the losses). `log` gets the progress lines."""
@@ -265,23 +277,22 @@ def pretrain(settings=None, log=print):
     optimizer = _adamw([p for p in model.parameters() if p.requires_grad], s)
     losses, start = [], time.time()
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s["threads"])
-    for step in range(s["steps"]):
-        for group in optimizer.param_groups:
-            warm_up = min(1, (step + 1) / s["warmup"])
-            group["lr"] = s["lr"] * warm_up * (1 + math.cos(math.pi * step / s["steps"])) / 2
-        loss = batch_loss(model, captioned(s["batch"], generator), logit_scale(step, s["steps"]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        done, elapsed = step + 1, time.time() - start
-        if done % 25 == 0 or done == s["steps"]:
-            log(f"pretraining the toy CLIP: step {done}/{s['steps']}  loss "
-                f"{sum(losses[-25:]) / len(losses[-25:]):.3f}  elapsed {elapsed:.0f}s  "
-                f"eta {elapsed * (s['steps'] - done) / done:.0f}s")
-    torch.set_num_threads(threads)
+    with _threads(s["threads"]):
+        for step in range(s["steps"]):
+            for group in optimizer.param_groups:
+                warm_up = min(1, (step + 1) / s["warmup"])
+                group["lr"] = s["lr"] * warm_up * (1 + math.cos(math.pi * step / s["steps"])) / 2
+            batch = captioned(s["batch"], generator)
+            loss = batch_loss(model, batch, logit_scale(step, s["steps"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            done, elapsed = step + 1, time.time() - start
+            if done % 25 == 0 or done == s["steps"]:
+                log(f"pretraining the toy CLIP: step {done}/{s['steps']}  loss "
+                    f"{sum(losses[-25:]) / len(losses[-25:]):.3f}  elapsed {elapsed:.0f}s  "
+                    f"eta {elapsed * (s['steps'] - done) / done:.0f}s")
     return model.eval(), losses
 
 
