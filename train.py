@@ -444,7 +444,7 @@ def checkpoint_if_due(progress, args, identity, model, parts, device, interrupts
     """A checkpoint every --checkpoint_every iterations (but at the last) and where a signal stops
     the run: whole steps, all or nothing (results.write_checkpoint)."""
     every, iteration = args.checkpoint_every, progress.iteration
-    if every and (iteration % every == 0 < progress.total - iteration or interrupts.signal):
+    if every and (iteration % every == 0 and iteration < progress.total or interrupts.signal):
         state = {"iteration": iteration, "skipped": progress.skipped, "seconds": progress.seconds()}
         results.write_checkpoint(run_dir(args) + results.CHECKPOINT, dict(identity, seed=args.seed),
                                  state, comp_lora.lora_state_dict(model), parts, device)
