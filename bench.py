@@ -19,10 +19,14 @@ Each measurement is a fresh process (spawn) that builds its model, runs --warmup
 drift touches them alike. Per configuration: the median and min-max of all its timed steps;
 time vs peft, the median and range of the rounds' ratios of medians; the largest peak memory of
 its processes (CPU: ru_maxrss; CUDA: max_memory_allocated) and its ratio to peft's; the step's
-FLOPs (FlopCounterMode, on the first warm-up step of round 1) per second of the median step,
-and as a share of a matmul's FLOP/s measured at the start (CPU float32, CUDA fp16: the step's).
-The FLOPs are each step's own: peft's text tower also computes the padding up to the longest
-prompt, ours runs length groups.
+FLOPs (FlopCounterMode, on the first warm-up step of round 1); "of peak": each round's FLOP/s
+of the median step over a matmul's FLOP/s measured in the same process just after its steps
+(matmul_peak: CPU float32, CUDA fp16, the step's), so that the machine's drift touches both
+alike. The FLOPs are each step's own: peft's text tower also computes the padding up to the
+longest prompt, ours runs length groups.
+Then where the time goes: in round 1, one more step under torch.profiler, its operators' self
+time summed by kind (operator_kind: matmuls, attention, the dropout masks' random draws, the
+rest), and the matmuls' own FLOP/s over the process's matmul peak.
 
 text: no-grad encoding of 10 CoOp prompts and of 1,000 with ImageNet's lengths, in one call: as
 length groups (CLIP.encode_text), as one truncation to the longest prompt, and at the full 77
@@ -35,13 +39,14 @@ backward pass (counted with saved_tensors_hooks) and the GPU peak projected from
 comp_setup: seconds to wrap ViT-B/16's 72 q, k, v projections with Comp-LoRA (an SVD each).
 
 Defaults. CPU: batch 8, and 4 from 1,000 classes on (a step there takes ~15 s on 2 cores);
-3 rounds of 1 warm-up and 2 timed steps: 15 processes a round, the whole run under 25 minutes
-on 2 idle cores (estimated: ~330 s of steps and ~130 s of set-up a round, Comp-LoRA's SVDs
-the largest). CUDA: batch 32, 3 rounds of 3 warm-up and 10 timed steps. --batch sets one
+3 rounds of 2 warm-up and 2 timed steps (peft's second step is still some 5-10% slower than
+its later ones, ours not): 15 processes a round, the steps section about 35 minutes on 2 idle
+cores (about 11 minutes a round, peft's 1,000-class steps of ~45 s the largest). CUDA: batch 32, 3 rounds of 3 warm-up and 10 timed steps. --batch sets one
 batch for every class count. --json FILE also writes every figure.
 """
 import argparse
 import contextlib
+import functools
 import importlib.util
 import itertools
 import json
@@ -65,6 +70,7 @@ from results import UserError
 DEFAULTS = train.parse_args([])  # our rows run train.py's defaults
 METHODS = ("none", "lora", "comp", "block", "peft")
 SECTIONS = ("steps", "text", "imagenet", "comp_setup")
+OPERATOR_KINDS = ("matmul", "attention", "masks", "other")  # bench.operator_kind's
 PEFT_HINT = "peft rows left out: pip install peft transformers (for bench.py only)"
 GIB = 2 ** 30
 # Class names from the CoOp datasets: "a photo of a {name}." is 8 to 15 tokens with
@@ -134,12 +140,12 @@ def memory_mark(device):
 
 
 def matmul_peak(device):
-    """FLOP/s of a square matmul in the step's matmul dtype: fp16 on CUDA, float32 on CPU."""
+    """FLOP/s of a square matmul in the step's matmul dtype: 8192 x 8192 fp16 on CUDA, 2048 x
+    2048 float32 on CPU."""
     n, dtype = (8192, torch.float16) if device.type == "cuda" else (2048, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     seconds = timed({"mm": lambda: a @ b}, device, rounds=10, warmup=2)["mm"]
-    return {"flops_per_second": 2 * n ** 3 / statistics.median(seconds),
-            "of": f"{n} x {n} {str(dtype).removeprefix('torch.')} matmul"}
+    return 2 * n ** 3 / statistics.median(seconds)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -194,15 +200,14 @@ def peft_model(device):
     from peft import LoraConfig, get_peft_model
     from transformers import CLIPConfig, CLIPModel
     c = clip_model.VIT_B_16
-    text = dict(hidden_size=c["transformer_width"], intermediate_size=4 * c["transformer_width"],
-                num_attention_heads=c["transformer_width"] // 64,
-                num_hidden_layers=c["transformer_layers"],
-                max_position_embeddings=c["context_length"], vocab_size=c["vocab_size"],
-                hidden_act="quick_gelu")
-    vision = dict(hidden_size=c["vision_width"], intermediate_size=4 * c["vision_width"],
-                  num_attention_heads=c["vision_width"] // 64,
-                  num_hidden_layers=c["vision_layers"], image_size=c["image_resolution"],
-                  patch_size=c["vision_patch_size"], hidden_act="quick_gelu")
+
+    def tower(width, layers, **sizes):  # a tower's config: heads of 64, an MLP 4x wide
+        return dict(hidden_size=width, intermediate_size=4 * width, hidden_act="quick_gelu",
+                    num_attention_heads=width // 64, num_hidden_layers=layers, **sizes)
+    text = tower(c["transformer_width"], c["transformer_layers"],
+                 max_position_embeddings=c["context_length"], vocab_size=c["vocab_size"])
+    vision = tower(c["vision_width"], c["vision_layers"], image_size=c["image_resolution"],
+                   patch_size=c["vision_patch_size"])
     config = CLIPConfig(projection_dim=c["embed_dim"], text_config=text, vision_config=vision)
     lora = LoraConfig(r=DEFAULTS.r, lora_alpha=DEFAULTS.alpha, lora_dropout=DEFAULTS.dropout_rate,
                       target_modules=["q_proj", "k_proj", "v_proj"])
@@ -264,19 +269,55 @@ def training_step(method, tokens, device):
     return step
 
 
-def measure(method, classes, batch, device, warmup, steps, count_flops):
+def measure(method, classes, batch, device, warmup, steps, first_round):
     """One configuration, in a fresh process so that the peak is its own: the seconds of each
-    timed step, the peak bytes, and with count_flops the FLOPs of the first warm-up step."""
+    timed step, the peak bytes, the matmul peak of this process just after its steps (the
+    machine's drift moves both alike); in the first round also the FLOPs of the first warm-up
+    step and, after the timed steps, the profile of one more."""
     tokens, images, labels = step_inputs(classes, batch, device)
     step = training_step(method, tokens, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the set-up's
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
-    with counter if count_flops else contextlib.nullcontext():
+    with counter if first_round else contextlib.nullcontext():
         step(images, labels)
     seconds = timed({"step": lambda: step(images, labels)}, device, steps, warmup - 1)["step"]
-    return {"seconds": seconds, "peak_bytes": memory_mark(device),
-            "flops": counter.get_total_flops() if count_flops else None}
+    peak = matmul_peak(device)
+    run = {"seconds": seconds, "peak_bytes": memory_mark(device), "matmul_peak": peak}
+    if first_round:
+        run["flops"] = counter.get_total_flops()
+        run["profile"] = profile = profiled(lambda: step(images, labels), device)
+        op_flops = counter.get_flop_counts()["Global"].items()
+        matmuls = sum(count for op, count in op_flops if operator_kind(str(op)) == "matmul")
+        profile["matmul_of_peak"] = matmuls / profile["matmul"] / peak
+    return run
+
+
+def operator_kind(name):
+    """An operator by what it does, from its name (aten::mm, aten.mm -> matmul)."""
+    name = name.removeprefix("aten::").removeprefix("aten.")
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention"
+    if name in ("uniform_", "bernoulli_"):  # drawing the dropout masks
+        return "masks"
+    return "other"
+
+
+def profiled(function, device):
+    """{operator_kind: seconds} of function() under torch.profiler (its default activities:
+    the CPU's, and CUDA's where there is one): its operators' self time, CUDA's on the
+    device."""
+    with torch.profiler.profile() as profile:
+        function()
+        sync(device)
+    seconds = dict.fromkeys(OPERATOR_KINDS, 0.0)
+    for event in profile.key_averages():
+        cuda = device.type == "cuda"
+        own = event.self_device_time_total if cuda else event.self_cpu_time_total
+        seconds[operator_kind(event.key)] += own / 1e6
+    return seconds
 
 
 def in_process(function, *args):
@@ -287,8 +328,9 @@ def in_process(function, *args):
 
 # ------------------------------------------------------------------------- the sections
 
-def steps_section(args, device, batches, matmul_flops):
-    """{classes: {method: figures}}, every configuration in its own processes, taking turns."""
+def steps_section(args, device, batches):
+    """({classes: {method: figures}}, the processes' matmul peaks), every configuration in its
+    own processes, taking turns."""
     configurations = list(itertools.product(args.classes, args.methods))
     runs = {configuration: [] for configuration in configurations}
     for turn in range(args.rounds):
@@ -303,19 +345,21 @@ def steps_section(args, device, batches, matmul_flops):
                   file=sys.stderr, flush=True)
     report = {}
     for (classes, method), method_runs in runs.items():
-        figures = step_figures(method_runs, runs.get((classes, "peft")), matmul_flops)
+        figures = step_figures(method_runs, runs.get((classes, "peft")))
         report.setdefault(str(classes), {})[method] = dict(figures, batch=batches[classes])
-    return report
+    peaks = [run["matmul_peak"] for method_runs in runs.values() for run in method_runs]
+    return report, summary(peaks)
 
 
-def step_figures(runs, peft_runs, matmul_flops):
+def step_figures(runs, peft_runs):
     """The figures of one configuration from its runs (and peft's, or None), one a round."""
     seconds = summary([s for run in runs for s in run["seconds"]])
     flops, peak = runs[0]["flops"], max(run["peak_bytes"] for run in runs)
+    # each round's FLOP/s over the matmul peak of its own process
+    of_peak = [flops / statistics.median(run["seconds"]) / run["matmul_peak"] for run in runs]
     figures = {"seconds": seconds, "peak_bytes": peak, "flops": flops,
-               "peak_bytes_per_round": [run["peak_bytes"] for run in runs],
-               "flops_per_second": flops / seconds["median"],
-               "of_matmul_peak": flops / seconds["median"] / matmul_flops}
+               "profile": runs[0]["profile"],
+               "of_matmul_peak": summary(of_peak)}
     if peft_runs:
         # paired by round, so that the drift between rounds cancels
         ratios = [statistics.median(ours["seconds"]) / statistics.median(theirs["seconds"])
@@ -339,22 +383,21 @@ def text_encoding(model, texts, device):
     at the full 77 positions; difference: the largest, relative to the full 77's features."""
     tokens = clip_model.tokenize(texts).to(device)
     ends = tokens.argmax(dim=-1)
-    ways = {"length groups": model.encode_text,
-            "one truncation": lambda t: model.encode_text(t, group_cost=math.inf),
-            "full 77": lambda t: encode_text_full(model, t)}
+    calls = {"length groups": functools.partial(model.encode_text, tokens),
+             "one truncation": functools.partial(model.encode_text, tokens, group_cost=math.inf),
+             "full 77": functools.partial(encode_text_full, model, tokens)}
     groups = clip_model.length_groups(ends, clip_model.GROUP_COST[device.type])
     positions = {"length groups": sum(len(rows) * (int(ends[rows].max()) + 1) for rows in groups),
                  "one truncation": len(texts) * (int(ends.max()) + 1), "full 77": tokens.numel()}
     with clip_model.autocast(device, "auto"):
-        features = {way: encode(tokens).float() for way, encode in ways.items()}  # a warm-up
-        fast = {way: (lambda encode=ways[way]: encode(tokens))
-                for way in ("length groups", "one truncation")}
-        seconds = timed(fast, device, TEXT_PASSES, max_seconds=TEXT_SECONDS)
-        seconds["full 77"] = timed({"": lambda: encode_text_full(model, tokens)}, device, 1)[""]
+        features = {way: call().float() for way, call in calls.items()}  # a warm-up
+        slow = {"full 77": calls.pop("full 77")}  # timed once: minutes at 1,000 prompts
+        seconds = timed(calls, device, TEXT_PASSES, max_seconds=TEXT_SECONDS)
+        seconds.update(timed(slow, device, 1))
     full = features["full 77"]
     return {way: {"positions": positions[way], "seconds": summary(seconds[way]),
                   "difference": ((features[way] - full).abs().max() / full.abs().max()).item()}
-            for way in ways}
+            for way in features}
 
 
 def saved_bytes(model, images, tokens, checkpoint, parts=("image", "text")):
@@ -462,14 +505,28 @@ def print_steps(report):
             memory_ratio = f"{f['memory_vs_peft']:.2f}" if "memory_vs_peft" in f else "-"
             rows.append([method, classes, f["batch"], *seconds_text(f["seconds"]),
                          ratio_text(f.get("time_vs_peft")), f"{f['peak_bytes'] / GIB:.2f}",
-                         memory_ratio, f"{f['flops'] / 1e9:.0f}",
-                         f"{f['flops_per_second'] / 1e9:.0f}", f"{f['of_matmul_peak']:.2f}"])
+                         memory_ratio, f"{f['flops'] / 1e9:.0f}", ratio_text(f["of_matmul_peak"])])
     header = ["method", "classes", "batch", "median s", "min-max s", "vs peft", "peak GiB",
-              "vs peft", "GFLOP", "GFLOP/s", "of peak"]
-    peak = report["matmul_peak"]
+              "vs peft", "GFLOP", "of peak"]
+    low, high = (report["matmul_peak"][key] / 1e9 for key in ("min", "max"))
     table(f"training step; vs peft: median (min-max) of the rounds' ratios; peak: "
-          f"{report['memory']}; of peak: of {peak['flops_per_second'] / 1e9:.0f} GFLOP/s "
-          f"({peak['of']})", header, rows)
+          f"{report['memory']}; of peak: of the matmul peak (bench.matmul_peak) in the same "
+          f"process, {low:.0f}-{high:.0f} GFLOP/s, median (min-max) of the rounds", header, rows)
+
+
+def print_profile(report):
+    rows = []
+    for classes, methods in report["steps"].items():
+        for method, f in methods.items():
+            profile = f["profile"]
+            total = sum(profile[kind] for kind in OPERATOR_KINDS)
+            shares = [f"{profile[kind] / total:.1%}" for kind in OPERATOR_KINDS]
+            rows.append([method, classes, shares[0], f"{profile['matmul_of_peak']:.2f}",
+                         *shares[1:]])
+    header = ["method", "classes", "matmul", "of peak", "attention", "masks", "other"]
+    table("where a step's time goes: its operators' self time in one more step of round 1 "
+          "(torch.profiler), by bench.operator_kind; of peak: the matmuls' FLOP/s, of that "
+          "process's matmul peak", header, rows)
 
 
 def print_text(report):
@@ -515,7 +572,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="images per step (CUDA 32; CPU 8, 4 at 1,000+)")
     p.add_argument("--rounds", type=int, default=3, help="turns of every configuration")
     p.add_argument("--steps", type=int, help="timed steps per process (CUDA 10, CPU 2)")
-    p.add_argument("--warmup", type=int, help="untimed steps per process first (CUDA 3, CPU 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps per process first (CUDA 3, CPU 2)")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     return p.parse_args(argv)
 
@@ -534,7 +591,7 @@ def check_args(args):
         results.check_writable(args.json, "--json")
     cuda = device.type == "cuda"
     args.steps = args.steps or (10 if cuda else 2)
-    args.warmup = args.warmup or (3 if cuda else 1)
+    args.warmup = args.warmup or (3 if cuda else 2)
     args.classes = list(dict.fromkeys(args.classes))  # in the order given, once each
     args.methods = list(dict.fromkeys(args.methods))
     return device
@@ -549,8 +606,7 @@ def default_batch(classes, device):
 def run(args):
     device = check_args(args)
     cuda = device.type == "cuda"
-    threads = f"CPU, {torch.get_num_threads()} threads"
-    name = torch.cuda.get_device_name(device) if cuda else threads
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     report = {"device": str(device), "device_name": name, "torch": torch.__version__,
               "model": "ViT-B/16, random weights", "rounds": args.rounds,
               "timed_steps": args.steps, "warmup_steps": args.warmup,
@@ -562,10 +618,10 @@ def run(args):
         print(PEFT_HINT)
 
     if "steps" in args.sections:
-        report["matmul_peak"] = peak = matmul_peak(device)
         batches = {n: args.batch or default_batch(n, device) for n in args.classes}
-        report["steps"] = steps_section(args, device, batches, peak["flops_per_second"])
+        report["steps"], report["matmul_peak"] = steps_section(args, device, batches)
         print_steps(report)
+        print_profile(report)
     if "text" in args.sections:
         model = clip_model.build_random(**clip_model.VIT_B_16).to(device)
         report["text"] = {f"{n:,}": text_encoding(model, class_prompts(n), device)
