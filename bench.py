@@ -38,11 +38,12 @@ backward pass (counted with saved_tensors_hooks) and the GPU peak projected from
 
 comp_setup: seconds to wrap ViT-B/16's 72 q, k, v projections with Comp-LoRA (an SVD each).
 
-Defaults. CPU: batch 8, and 4 from 1,000 classes on (a step there takes ~15 s on 2 cores);
+Defaults. CPU: batch 8, and 4 from 1,000 classes on (a step there takes ~12 s on 2 cores);
 3 rounds of 2 warm-up and 2 timed steps (peft's second step is still some 5-10% slower than
-its later ones, ours not): 15 processes a round, the steps section about 35 minutes on 2 idle
-cores (about 11 minutes a round, peft's 1,000-class steps of ~45 s the largest). CUDA: batch 32, 3 rounds of 3 warm-up and 10 timed steps. --batch sets one
-batch for every class count. --json FILE also writes every figure.
+its later ones, ours not): 15 processes a round, 11-13 minutes a round on 2 idle cores (peft's
+1,000-class process, ~45 s a step, takes 3 of them), the steps section 35 minutes. CUDA: batch
+32, 3 rounds of 3 warm-up and 10 timed steps. --batch sets one batch for every class count.
+--json FILE also writes every figure.
 """
 import argparse
 import contextlib
