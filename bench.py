@@ -276,18 +276,19 @@ def measure(method, classes, batch, device, warmup, steps, first_round):
     machine's drift moves both alike); in the first round also the FLOPs of the first warm-up
     step and, after the timed steps, the profile of one more."""
     tokens, images, labels = step_inputs(classes, batch, device)
-    step = training_step(method, tokens, device)
+    step = functools.partial(training_step(method, tokens, device), images, labels)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the set-up's
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter if first_round else contextlib.nullcontext():
-        step(images, labels)
-    seconds = timed({"step": lambda: step(images, labels)}, device, steps, warmup - 1)["step"]
+        step()
+    seconds = timed({"step": step}, device, steps, warmup - 1)["step"]
+    peak_bytes = memory_mark(device)  # before the matmul below, which is no part of a step
     peak = matmul_peak(device)
-    run = {"seconds": seconds, "peak_bytes": memory_mark(device), "matmul_peak": peak}
+    run = {"seconds": seconds, "peak_bytes": peak_bytes, "matmul_peak": peak}
     if first_round:
         run["flops"] = counter.get_total_flops()
-        run["profile"] = profile = profiled(lambda: step(images, labels), device)
+        run["profile"] = profile = profiled(step, device)
         op_flops = counter.get_flop_counts()["Global"].items()
         matmuls = sum(count for op, count in op_flops if operator_kind(str(op)) == "matmul")
         profile["matmul_of_peak"] = matmuls / profile["matmul"] / peak
