@@ -315,8 +315,8 @@ def profiled(function, device):
         function()
         sync(device)
     seconds = dict.fromkeys(OPERATOR_KINDS, 0.0)
+    cuda = device.type == "cuda"
     for event in profile.key_averages():
-        cuda = device.type == "cuda"
         own = event.self_device_time_total if cuda else event.self_cpu_time_total
         seconds[operator_kind(event.key)] += own / 1e6
     return seconds
@@ -457,7 +457,7 @@ def projected_peak(method):
         recompute = unchecked / model.transformer.layers
     weights = itertools.chain(model.parameters(), model.buffers())
     resident = sum(t.numel() * t.element_size() for t in weights)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = comp_lora.trainable_count(model)
     projected = resident + 12 * trainable + saved["image"] + saved["text"] + recompute
     return {"checkpointed_blocks": checkpoint, "saved_bytes": saved,
             "projected_bytes": projected}

@@ -356,9 +356,14 @@ def mark_only_lora_as_trainable(model):
         param.requires_grad_(_is_lora(name))
 
 
+def trainable_count(model):
+    """The number of values in the model's trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def parameter_line(model):
     """peft's summary line: trainable params: N || all params: M || trainable%: P."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = trainable_count(model)
     total = sum(p.numel() for p in model.parameters())
     return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}")

@@ -87,7 +87,7 @@ def run(args, interrupts=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     record = {"config": identity, "args": vars(args),
               **accuracies_record(dataset, others, plain, adapted, new),
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "trainable_params": comp_lora.trainable_count(model),
               "train_seconds": seconds, "torch": torch.__version__,
               "device": f"{device.type} ({name}, {torch.get_num_threads()} threads)"}
     if not evaluate_only:
